@@ -219,6 +219,7 @@ class GateBank(nn.Module):
         if problems:
             raise GateMismatchError(
                 f"gates for {self.metadata.model_id or 'an unnamed model'} do not fit model "
-                f"{layout.model_id or '(unnamed)'}: " + "; ".join(problems)
+                f"{layout.model_id or '(unnamed)'}: "
+                + "; ".join(problems)
                 + ". Load gates trained for this model, or train some with `fastkvzip-press train`."
             )

@@ -10,7 +10,8 @@ Two formats:
   layer ids, shapes, training information). The JSON is also stored in the safetensors header, so the
   ``.safetensors`` file alone is enough.
 
-Released gates live on the Hugging Face hub in ``Jang-Hyun/Fast-KVzip`` as ``<model basename lower>/q{G}_dim16_sink16.pt``.
+Released gates live on the Hugging Face hub in ``Jang-Hyun/Fast-KVzip`` as
+``<model basename lower>/q{G}_dim16_sink16.pt``.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def bank_from_state_dicts(
 
 def _default_layer_ids(count: int, layout: ModelLayout | None) -> tuple[int, ...]:
     # Released files carry no layer ids: they are ordered like the model's gated layers.
-    return tuple(layout.gated_layer_ids) if layout is not None and len(layout.gated_layer_ids) == count else tuple(
-        range(count)
+    return (
+        tuple(layout.gated_layer_ids)
+        if layout is not None and len(layout.gated_layer_ids) == count
+        else tuple(range(count))
     )
 
 
@@ -102,7 +105,7 @@ def _default_layer_ids(count: int, layout: ModelLayout | None) -> tuple[int, ...
 
 def _numpy_safe_globals() -> list[Any]:
     """Globals a pickled numpy array needs; allow-listed for ``torch.load(weights_only=True)``."""
-    reconstruct = getattr(getattr(np, "_core", np.core), "multiarray")._reconstruct
+    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct
     dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
     return [reconstruct, np.ndarray, np.dtype, *dtype_classes]
 
@@ -119,7 +122,8 @@ def read_released(path: str | Path, layout: ModelLayout | None = None) -> GateBa
     except Exception as error:  # pickle and zip errors have many types
         raise GateFileError(
             f"{origin} is not a readable gate file ({type(error).__name__}: {error}). "
-            "Released gates are torch.save dicts with a 'module' list; native gates are a folder with gates.safetensors."
+            "Released gates are torch.save dicts with a 'module' list; "
+            "native gates are a folder with gates.safetensors."
         ) from error
     if not isinstance(payload, dict) or not isinstance(payload.get("module"), list):
         raise GateFileError(f"{origin}: expected a dict with a 'module' list of per-layer state dicts")
@@ -138,7 +142,9 @@ def read_released(path: str | Path, layout: ModelLayout | None = None) -> GateBa
 
 def write_released(bank: GateBank, path: str | Path) -> Path:
     """Write ``bank`` in the released format (``{"module": [state_dict per layer]}``), atomically."""
-    payload = {"module": [{key: value.detach().cpu() for key, value in gate.state_dict().items()} for gate in bank.gates]}
+    payload = {
+        "module": [{key: value.detach().cpu() for key, value in gate.state_dict().items()} for gate in bank.gates]
+    }
     path = Path(path)
     _atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
@@ -307,5 +313,3 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-

@@ -30,7 +30,12 @@ class GateBinding:
             self._key = key
         return self.bank
 
-    def require(self, press_name: str) -> GateBank:
+    def require(self, press_name: str, source: GateSource = None) -> GateBank:
+        """The bound bank. Wrappers that do not forward ``post_init_from_model`` (kvpress's
+        ``PerLayerCompressionPress``) leave it unbound: then an explicit ``source`` is loaded without a model."""
+        if self.bank is None and source is not None:
+            self.bank = load_gates(source)
+            self._key = None
         if self.bank is None:
             raise RuntimeError(
                 f"{press_name} has no gates bound: enter it with `with press(model):` or pass it to the pipeline "

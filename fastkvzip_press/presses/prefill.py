@@ -72,7 +72,8 @@ class FastKVzipPress(BasePress):
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
             raise ValueError(
-                f"compression_ratio is the fraction of KV pairs removed and must be in [0, 1), got {self.compression_ratio}"
+                "compression_ratio is the fraction of KV pairs removed and must be in [0, 1), "
+                f"got {self.compression_ratio}"
             )
         if self.threshold is not None:
             if not 0 <= self.threshold <= 1:
@@ -133,7 +134,9 @@ class FastKVzipPress(BasePress):
             return output
         bank = self._binding.require(type(self).__name__)
         if not self._attention:
-            raise RuntimeError("FastKVzipPress hooks ran outside `with press(model)`; it cannot be nested in ComposedPress")
+            raise RuntimeError(
+                "FastKVzipPress hooks ran outside `with press(model)`; it cannot be nested in ComposedPress"
+            )
         self._scores[module.layer_idx] = bank.score(module.layer_idx, hidden_states)
         if module.layer_idx == bank.layer_ids[-1]:
             self._evict()

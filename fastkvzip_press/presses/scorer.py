@@ -50,13 +50,15 @@ class FastKVzipScorerPress(ScorerPress):
 
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
-            raise ValueError(f"compression_ratio is the fraction removed and must be in [0, 1), got {self.compression_ratio}")
+            raise ValueError(
+                f"compression_ratio is the fraction removed and must be in [0, 1), got {self.compression_ratio}"
+            )
 
     def post_init_from_model(self, model: PreTrainedModel):
         self._binding.bind(self.gates, model)
 
     def _is_gated(self, module: nn.Module) -> bool:
-        return self._binding.require(type(self).__name__).has_layer(module.layer_idx)
+        return self._binding.require(type(self).__name__, self.gates).has_layer(module.layer_idx)
 
     def score(
         self,
@@ -71,7 +73,7 @@ class FastKVzipScorerPress(ScorerPress):
 
         ``hidden_states [B, N, D]`` belong to the last ``N`` positions of ``keys [B, H_kv, k_len, d]``.
         """
-        bank = self._binding.require(type(self).__name__)
+        bank = self._binding.require(type(self).__name__, self.gates)
         layer_id = module.layer_idx
         bsz, heads, k_len = keys.shape[0], keys.shape[1], keys.shape[2]
         if not bank.has_layer(layer_id):
@@ -81,7 +83,9 @@ class FastKVzipScorerPress(ScorerPress):
         n_old = k_len - fresh.shape[-1]
         if n_old > 0:
             cached = self._score_cache.get(layer_id)
-            known = cached[..., :n_old] if cached is not None and cached.shape[0] == bsz else fresh.new_empty(bsz, heads, 0)
+            known = (
+                cached[..., :n_old] if cached is not None and cached.shape[0] == bsz else fresh.new_empty(bsz, heads, 0)
+            )
             if known.shape[-1] < n_old:
                 logger.warning(
                     "%d cached pairs of layer %d have no gate score (their hidden states were not passed); "

@@ -1,0 +1,63 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import kvpress  # noqa: E402,F401  (registers the pipeline and patches attention)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import pipeline  # noqa: E402
+
+from fastkvzip_press import GateBank, ModelLayout  # noqa: E402
+from fastkvzip_press.models import TINY_ARCHITECTURES, tiny_model  # noqa: E402
+
+torch.set_num_threads(2)
+
+HAYSTACK = " ".join(["the grass is green and the sky is blue ."] * 12)
+CONTEXT = f"{HAYSTACK} the secret code is 7 2 9 . {HAYSTACK}"
+QUESTIONS = ["what is the secret code ?", "what color is the sky ?", "what is green ?"]
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHITECTURES)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = tiny_model(name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama(tiny_models):
+    return tiny_models("llama")
+
+
+@pytest.fixture(scope="session")
+def random_gates():
+    def make(model, seed: int = 0) -> GateBank:
+        return GateBank.random(ModelLayout.from_model(model), seed=seed)
+
+    return make
+
+
+def make_pipeline(model, tokenizer):
+    return pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory):
+    """Converted default model, once per session (about half a minute)."""
+    from fastkvzip_press.models import convert_default_model
+
+    target = tmp_path_factory.mktemp("models") / "smollm2"
+    convert_default_model(target)
+    return target
