@@ -27,8 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check fastkvzip_press tests benchmarks
-	$(BIN)/ruff format --check fastkvzip_press tests benchmarks
+	$(BIN)/ruff check fastkvzip_press tests
+	$(BIN)/ruff format --check fastkvzip_press tests
 
 clean:
 	rm -rf $(VENV)
