@@ -193,6 +193,16 @@ def test_empty_or_tiny_context(llama, random_gates, context):
         make_pipeline(model, tokenizer)(context, question="what ?", press=press, max_new_tokens=2)
 
 
+def test_unreachable_ratio_warns_and_keeps_protection(llama, random_gates, caplog):
+    model, tokenizer = llama
+    press = FastKVzipPress(0.9, gates=random_gates(model), n_sink=4, window_size=0.5)
+    make_pipeline(model, tokenizer)(CONTEXT, question=QUESTIONS[0], press=press, max_new_tokens=2)
+    assert "cannot be met" in caplog.text
+    n_tokens = press.last_stats.context_length
+    protected = 4 + n_tokens // 2
+    assert press.last_stats.compression_ratio == pytest.approx(1 - protected / n_tokens)
+
+
 def test_eager_attention_is_refused_with_advice(random_gates):
     model, tokenizer = tiny_model("llama", attn_implementation="eager")
     press = FastKVzipPress(0.5, gates=random_gates(model))

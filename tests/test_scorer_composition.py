@@ -40,10 +40,15 @@ def test_standalone_scorer_shrinks_every_head_physically(setup):
     assert len(answers["answers"]) == 3
 
 
+def bound_scorer(model, gates) -> FastKVzipScorerPress:
+    press = FastKVzipScorerPress(0.0, gates=gates)
+    press.post_init_from_model(model)
+    return press
+
+
 def test_scores_are_the_gate_scores(setup):
     model, tokenizer, gates = setup
-    press = FastKVzipScorerPress(0.5, gates=gates)
-    press.post_init_from_model(model)
+    press = bound_scorer(model, gates)
     module = model.model.layers[1].self_attn
     hidden = torch.randn(1, 10, 64)
     keys = torch.randn(1, 2, 10, 16)
@@ -53,8 +58,7 @@ def test_scores_are_the_gate_scores(setup):
 def test_buffer_shorter_than_keys_reuses_cached_scores(setup):
     """kvpress's DecodingPress passes only recent hidden states while keys hold the whole cache."""
     model, _, gates = setup
-    press = FastKVzipScorerPress(0.0, gates=gates)
-    press.post_init_from_model(model)
+    press = bound_scorer(model, gates)
     module = model.model.layers[0].self_attn
     hidden = torch.randn(1, 30, 64)
     full = press.score(module, hidden[:, :20], torch.zeros(1, 2, 20, 16), None, None, {})
@@ -66,8 +70,7 @@ def test_buffer_shorter_than_keys_reuses_cached_scores(setup):
 
 def test_unseen_pairs_get_top_score_and_a_warning(setup, caplog):
     model, _, gates = setup
-    press = FastKVzipScorerPress(0.0, gates=gates)
-    press.post_init_from_model(model)
+    press = bound_scorer(model, gates)
     module = model.model.layers[0].self_attn
     scores = press.score(module, torch.randn(1, 4, 64), torch.zeros(1, 2, 12, 16), None, None, {})
     assert torch.all(scores[..., :8] == 1.0)

@@ -157,8 +157,11 @@ class FastKVzipPress(BasePress):
             evicted = evict_by_threshold(protected, self.threshold)
         else:
             evicted = evict_by_ratio(protected, self.compression_ratio, self.layerwise)
-            asked = int(evicted[0].numel() * self.compression_ratio) if not self.layerwise else None
-            if asked is not None and int(evicted.sum()) < asked * bsz:
+            per_layer = int(heads * n_tokens * self.compression_ratio)
+            asked = (
+                per_layer * n_layers if self.layerwise else int(n_layers * heads * n_tokens * self.compression_ratio)
+            )
+            if int(evicted.sum()) < asked * bsz:
                 logger.warning(
                     "compression_ratio %.3f cannot be met: sink and window protect too much of a %d-token context",
                     self.compression_ratio,
