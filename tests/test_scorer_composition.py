@@ -154,3 +154,17 @@ def test_prefill_decoding_shares_scores(setup):
     answers = run_pipeline(model, tokenizer, press, questions=[QUESTIONS[0]])
     assert len(answers) == 1
     assert scorer.compression_ratio == 0.5  # DecodingPress restores the ratio it overrides
+
+
+def test_sliding_layers_are_left_intact(tiny_models, random_gates, caplog):
+    model, _ = tiny_models("gemma3")
+    press = FastKVzipScorerPress(0.5, gates=random_gates(model))
+    press.post_init_from_model(model)
+    keys = torch.randn(1, 2, 20, 16)
+    sliding, global_layer = model.model.layers[0].self_attn, model.model.layers[2].self_attn
+    kept_keys, _ = press.compress(sliding, torch.randn(1, 20, 64), keys, keys, None, {})
+    assert kept_keys is keys
+    assert press.compress(global_layer, torch.randn(1, 20, 64), keys, keys, None, {})[0].shape[2] == 10
+    for _ in range(2):
+        assert torch.all(press.score(sliding, torch.randn(1, 20, 64), keys, keys, None, {}) == 1)
+    assert caplog.text.count("has no gate") == 1

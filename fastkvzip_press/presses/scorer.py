@@ -47,6 +47,7 @@ class FastKVzipScorerPress(ScorerPress):
     gates: GateSource = None
     _binding: GateBinding = field(default_factory=GateBinding, init=False, repr=False)
     _score_cache: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _warned_ungated: set[int] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
@@ -77,7 +78,13 @@ class FastKVzipScorerPress(ScorerPress):
         layer_id = module.layer_idx
         bsz, heads, k_len = keys.shape[0], keys.shape[1], keys.shape[2]
         if not bank.has_layer(layer_id):
-            logger.warning("layer %d has no gate (sliding-window layer?): scored uniformly", layer_id)
+            if layer_id not in self._warned_ungated:
+                self._warned_ungated.add(layer_id)
+                logger.warning(
+                    "layer %d has no gate (a sliding-window layer): scored uniformly. kvpress hooks these layers "
+                    "for Gemma3ForCausalLM; use Gemma3ForConditionalGeneration or FastKVzipPress to leave them intact",
+                    layer_id,
+                )
             return torch.ones(bsz, heads, k_len, device=keys.device)
         fresh = bank.score(layer_id, hidden_states[:, -k_len:]).to(keys.device)
         n_old = k_len - fresh.shape[-1]
