@@ -12,11 +12,13 @@ logger = logging.getLogger("fastkvzip_press")
 
 
 def _format_bytes(n_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n_bytes < 1024 or unit == "GiB":
-            return f"{n_bytes:,.1f} {unit}" if unit != "B" else f"{int(n_bytes):,} B"
+    if n_bytes < 1024:
+        return f"{int(n_bytes):,} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n_bytes /= 1024
-    raise AssertionError("unreachable")
+        if n_bytes < 1024 or unit == "GiB":
+            break
+    return f"{n_bytes:,.1f} {unit}"
 
 
 def _generate(args: argparse.Namespace) -> int:

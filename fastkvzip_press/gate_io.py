@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from fastkvzip_press.gate import GateBank, GateMetadata, SinkGate
@@ -192,11 +192,10 @@ def read_native(path: str | Path) -> GateBank:
     if not weights.exists():
         raise FileNotFoundError(f"no gate weights at {weights}")
     try:
-        tensors = load_file(str(weights))
-        from safetensors import safe_open
-
+        # One pass over the file gives both the tensors and the header's metadata.
         with safe_open(str(weights), framework="pt") as handle:
             header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise GateFileError(f"{origin} is not a readable safetensors file: {error}") from error
     sidecar = weights.with_name(NATIVE_METADATA) if weights.name == NATIVE_WEIGHTS else weights.with_suffix(".json")

@@ -29,9 +29,15 @@ class EvictionStats:
         return self.entries_per_layer * self.num_layers
 
     @property
+    def gated_kept(self) -> int:
+        """Pairs retained over the gated layers."""
+        return sum(int(kept.sum()) for kept in self.kept_per_head.values())
+
+    @property
     def kept_entries(self) -> int:
+        """Pairs retained over all layers (ungated layers keep everything)."""
         ungated = self.num_layers - len(self.kept_per_head)
-        return int(sum(int(kept.sum()) for kept in self.kept_per_head.values())) + ungated * self.entries_per_layer
+        return self.gated_kept + ungated * self.entries_per_layer
 
     @property
     def gated_entries(self) -> int:
@@ -40,8 +46,7 @@ class EvictionStats:
     @property
     def compression_ratio(self) -> float:
         """Fraction of gated-layer pairs removed (kvpress convention)."""
-        kept = sum(int(kept.sum()) for kept in self.kept_per_head.values())
-        return 1.0 - kept / self.gated_entries if self.gated_entries else 0.0
+        return 1.0 - self.gated_kept / self.gated_entries if self.gated_entries else 0.0
 
 
 def kv_cache_bytes(cache: Cache) -> int:

@@ -157,11 +157,9 @@ class FastKVzipPress(BasePress):
             evicted = evict_by_threshold(protected, self.threshold)
         else:
             evicted = evict_by_ratio(protected, self.compression_ratio, self.layerwise)
-            per_layer = int(heads * n_tokens * self.compression_ratio)
-            asked = (
-                per_layer * n_layers if self.layerwise else int(n_layers * heads * n_tokens * self.compression_ratio)
-            )
-            if int(evicted.sum()) < asked * bsz:
+            # The budget evict_by_ratio aimed for; it evicts less only when protection leaves no room.
+            budget_unit, units = (heads * n_tokens, n_layers) if self.layerwise else (n_layers * heads * n_tokens, 1)
+            if int(evicted.sum()) < int(budget_unit * self.compression_ratio) * units * bsz:
                 logger.warning(
                     "compression_ratio %.3f cannot be met: sink and window protect too much of a %d-token context",
                     self.compression_ratio,
