@@ -1,5 +1,6 @@
 """Fast KVzip gated KV-cache eviction as a kvpress plugin."""
 
+from fastkvzip_press.cache import RaggedLayer
 from fastkvzip_press.gate import GateBank, GateMismatchError, SinkGate
 from fastkvzip_press.gate_io import GateFileError, load_gates, save_gates
 from fastkvzip_press.layout import ModelLayout
@@ -14,6 +15,7 @@ __all__ = [
     "GateFileError",
     "GateMismatchError",
     "ModelLayout",
+    "RaggedLayer",
     "SinkGate",
     "kv_cache_bytes",
     "load_gates",

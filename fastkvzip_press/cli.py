@@ -57,6 +57,8 @@ def _generate(args: argparse.Namespace) -> int:
         gates=gates,
         n_sink=args.n_sink,
         window_size=args.window_size,
+        compaction=args.compaction,
+        chunk_size=args.chunk_size,
     )
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
     questions = args.question
@@ -75,20 +77,23 @@ def _generate(args: argparse.Namespace) -> int:
     logger.info("compressed answers in %.1fs", time.perf_counter() - step)
 
     stats = press.last_stats
-    full_bytes = kv_cache_bytes(cache)
+    stored_bytes = kv_cache_bytes(cache)
+    n_context = stats.context_length if stats else cache.get_seq_length()
+    element = next(model.parameters()).element_size()
+    full_bytes = 2 * n_context * layout.num_layers * layout.num_kv_heads * layout.head_dim * element
     print(f"Gates: {gate_label}")
-    print(f"Context: {stats.context_length if stats else cache.get_seq_length()} tokens, {layout.num_layers} layers")
+    print(f"Context: {n_context} tokens, {layout.num_layers} layers")
     for i, question in enumerate(questions):
         print(f"\nQuestion: {question}")
         print(f"Answer (FastKVzipPress): {answers[i]}")
         if answers_full is not None:
             print(f"Answer (full cache):     {answers_full[i]}")
-    print("\nKV cache")
-    print(f"  before eviction: {_format_bytes(full_bytes)} (100.0%)")
+    print("\nKV cache of the context")
+    print(f"  full cache:       {_format_bytes(full_bytes)} (100.0%)")
     if stats is not None:
         kept_fraction = stats.kept_entries / stats.total_entries
         print(
-            f"  after eviction:  {_format_bytes(full_bytes * kept_fraction)} ({100 * kept_fraction:.1f}%), "
+            f"  retained pairs:   {_format_bytes(full_bytes * kept_fraction)} ({100 * kept_fraction:.1f}%), "
             f"compression ratio {stats.compression_ratio:.3f} over gated layers"
         )
         kept = torch.stack([k.float() for k in stats.kept_per_head.values()])  # [L, B, H]
@@ -96,10 +101,11 @@ def _generate(args: argparse.Namespace) -> int:
         print(
             f"  per-head retained fraction: min {share.min():.2f}, median {share.median():.2f}, max {share.max():.2f}"
         )
-        print(
-            f"  physical storage now: {_format_bytes(full_bytes)} (compaction={press.compaction}: evicted keys are "
-            "masked, their memory is still held)"
-        )
+        if press.compaction == "ragged":
+            note = "ragged: evicted pairs are freed; includes spare rows for question and answer tokens"
+        else:
+            note = "masked: evicted keys are masked, their memory is still held"
+        print(f"  stored now:       {_format_bytes(stored_bytes)} ({100 * stored_bytes / full_bytes:.1f}%; {note})")
     else:
         print("  no eviction (ratio 0)")
     return 0
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="seed for random gates")
     gen.add_argument("--n-sink", type=int, default=4)
     gen.add_argument("--window-size", type=float, default=0.02, help="recent window: tokens (>=1) or fraction (<1)")
+    gen.add_argument("--compaction", choices=["ragged", "masked"], default="ragged", help="free memory or mask")
+    gen.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--model-cache", default=None, help="folder of the converted default model")
     gen.add_argument("--no-compare", action="store_true", help="skip the full-cache answer")

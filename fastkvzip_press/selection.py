@@ -1,12 +1,16 @@
-"""Which KV pairs to evict, given gate scores of several layers (torch reference implementation).
+"""Which KV pairs to evict, given gate scores of several layers.
 
-All functions take scores ``[L, B, H, T]`` (layers, batch, KV heads, tokens; higher = keep) and return a boolean
-eviction mask of the same shape. Protected positions carry ``+inf`` and are never evicted.
+The functions take scores ``[L, B, H, T]`` (layers, batch, KV heads, tokens; higher = keep) and return a boolean
+eviction mask of the same shape. Protected positions carry ``+inf`` and are never evicted. The bottom-k selection
+runs through :func:`fastkvzip_press.triton.select_smallest` (a radix select on CUDA, exact and with ties going to
+the lower flat index).
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastkvzip_press.triton import select_smallest
 
 
 def protect(scores: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
@@ -18,13 +22,15 @@ def protect(scores: torch.Tensor, n_sink: int, window: int) -> torch.Tensor:
     return protected
 
 
-def _bottom_k_mask(flat: torch.Tensor, n_remove: torch.Tensor | int) -> torch.Tensor:
-    """Mask of the ``n_remove`` smallest entries of each row of ``flat [R, N]``; ties go to the lower index."""
-    order = torch.argsort(flat, dim=-1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(flat.shape[-1], device=flat.device).expand_as(order))
-    n_remove = torch.as_tensor(n_remove, device=flat.device).reshape(-1, 1)
-    return ranks < n_remove
+def evict_smallest(scores: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """Mask (shape of ``scores``) of its ``n_remove`` smallest entries over all dimensions; ties to the lower index."""
+    _, evict = select_smallest(scores.reshape(-1).float(), n_remove)
+    return evict.reshape(scores.shape)
+
+
+def _bottom_k_mask(flat: torch.Tensor, n_remove: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``n_remove[r]`` smallest entries of each row ``r`` of ``flat [R, N]``."""
+    return torch.stack([evict_smallest(row, int(k)) for row, k in zip(flat, n_remove.tolist())])
 
 
 def evict_by_ratio(scores: torch.Tensor, ratio: float, layerwise: bool = False) -> torch.Tensor:

@@ -50,9 +50,15 @@ class EvictionStats:
 
 
 def kv_cache_bytes(cache: Cache) -> int:
-    """Bytes held by the keys and values of every layer of a transformers cache (physical storage)."""
+    """Bytes held by the keys and values of every layer of a transformers cache (physical storage).
+
+    Ragged layers count their whole buffers, spare rows included (``RaggedLayer.nbytes``).
+    """
     total = 0
     for layer in cache.layers:
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes()
+            continue
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()

@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import kvpress  # noqa: E402,F401  (registers the pipeline and patches attention)
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import pipeline  # noqa: E402
+from transformers import DynamicCache, pipeline  # noqa: E402
 
 from fastkvzip_press import GateBank, ModelLayout  # noqa: E402
 from fastkvzip_press.models import TINY_ARCHITECTURES, tiny_model  # noqa: E402
@@ -47,6 +47,30 @@ def random_gates():
         return GateBank.random(ModelLayout.from_model(model), seed=seed)
 
     return make
+
+
+def greedy_after_prefill(model, tokenizer, press, context=CONTEXT, question=QUESTIONS[0], steps=4):
+    """Prefill ``context`` under ``press``, then greedy-decode after ``question``: (tokens, logits per step, cache)."""
+    ids = tokenizer(context, return_tensors="pt").input_ids
+    question_ids = tokenizer(question, return_tensors="pt").input_ids
+    cache = DynamicCache()
+    with torch.no_grad():
+        if press is None:
+            model.model(input_ids=ids, past_key_values=cache)
+        else:
+            with press(model):
+                model.model(input_ids=ids, past_key_values=cache)
+        position = ids.shape[1]
+        tokens, logits = [], []
+        step_ids = question_ids
+        for _ in range(steps):
+            positions = torch.arange(position, position + step_ids.shape[1])[None]
+            step_logits = model(step_ids, past_key_values=cache, position_ids=positions).logits[:, -1]
+            position += step_ids.shape[1]
+            step_ids = step_logits.argmax(-1, keepdim=True)
+            tokens.append(int(step_ids))
+            logits.append(step_logits)
+    return tokens, torch.cat(logits), cache
 
 
 def make_pipeline(model, tokenizer):

@@ -1,7 +1,8 @@
 from pathlib import Path
 
 import pytest
-from conftest import make_pipeline
+import torch
+from conftest import greedy_after_prefill, make_pipeline
 
 from fastkvzip_press import FastKVzipPress, GateBank, ModelLayout
 from fastkvzip_press.cli import main
@@ -30,6 +31,20 @@ def test_default_model_layout_and_needle(default_model):
     assert abs(press.last_stats.compression_ratio - 0.5) < 1e-3
 
 
+@pytest.mark.parametrize("chunk_size", [None, 256])
+def test_ragged_equals_masked_on_the_default_model(default_model, chunk_size):
+    model, tokenizer = default_model
+    gates = GateBank.random(ModelLayout.from_model(model), seed=1)
+    context = EXAMPLE.read_text()
+    if chunk_size is None:
+        presses = {c: FastKVzipPress(0.6, gates=gates, compaction=c) for c in ("masked", "ragged")}
+    else:  # threshold 0 evicts nothing: chunked prefill must reproduce the full cache
+        presses = {"masked": None, "ragged": FastKVzipPress(gates=gates, threshold=0.0, chunk_size=chunk_size)}
+    runs = {name: greedy_after_prefill(model, tokenizer, press, context, QUESTION) for name, press in presses.items()}
+    assert runs["masked"][0] == runs["ragged"][0]
+    torch.testing.assert_close(runs["masked"][1], runs["ragged"][1], atol=1e-4, rtol=1e-4)
+
+
 def test_cli_generate_prints_answer_and_cache_sizes(default_model_dir, capsys):
     code = main(
         ["-q", "generate", "--context-file", str(EXAMPLE), "--question", QUESTION, "--ratio", "0.5"]
@@ -39,8 +54,10 @@ def test_cli_generate_prints_answer_and_cache_sizes(default_model_dir, capsys):
     assert code == 0, out
     assert "Answer (FastKVzipPress):" in out and "Answer (full cache):" in out
     assert "4172" in out  # the full-cache answer finds the needle
-    assert "before eviction:" in out and "(100.0%)" in out
-    assert "after eviction:" in out and "(50.0%)" in out
+    assert "full cache:" in out and "(100.0%)" in out
+    assert "retained pairs:" in out and "(50.0%)" in out
+    stored = float(out.split("stored now:")[1].split("(")[1].split("%")[0])
+    assert 50.0 <= stored < 56.0  # evicted pairs are freed; spare rows for the question and answer remain
     assert "RANDOM untrained gates" in out
 
 

@@ -20,7 +20,7 @@ def masked_layers(model):
 def test_pipeline_every_architecture(arch, tiny_models, random_gates, ratio):
     model, tokenizer = tiny_models(arch)
     pipe = make_pipeline(model, tokenizer)
-    press = FastKVzipPress(ratio, gates=random_gates(model), n_sink=4, window_size=8)
+    press = FastKVzipPress(ratio, gates=random_gates(model), n_sink=4, window_size=8, compaction="masked")
     answers = pipe(CONTEXT, questions=QUESTIONS, press=press, max_new_tokens=4)["answers"]
     assert len(answers) == len(QUESTIONS) and all(isinstance(a, str) for a in answers)
     layout = ModelLayout.from_model(model)
@@ -111,7 +111,7 @@ def test_masked_eviction_equals_physical_removal(tiny_models, name):
     positions = torch.arange(n_tokens, n_tokens + q_len)[None]
     # Evict an even number of (head, token) pairs per layer, so tied head pairs are never split.
     ratio = (n_tokens // 2 + 0.25) / n_tokens
-    press = FastKVzipPress(ratio, gates=head_uniform_gates(model), layerwise=True, window_size=4)
+    press = FastKVzipPress(ratio, gates=head_uniform_gates(model), layerwise=True, window_size=4, compaction="masked")
 
     cache = DynamicCache()
     with torch.no_grad(), press(model):
@@ -140,7 +140,7 @@ def test_masked_eviction_equals_physical_removal(tiny_models, name):
 def test_eviction_happens_inside_generate(llama, random_gates):
     model, tokenizer = llama
     ids = tokenizer(CONTEXT, return_tensors="pt").input_ids
-    press = FastKVzipPress(0.7, gates=random_gates(model), window_size=4)
+    press = FastKVzipPress(0.7, gates=random_gates(model), window_size=4, compaction="masked")
     with press(model):
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 3
@@ -150,7 +150,7 @@ def test_eviction_happens_inside_generate(llama, random_gates):
 def test_batch_of_two_through_generate(llama, random_gates):
     model, tokenizer = llama
     batch = tokenizer([CONTEXT, CONTEXT.replace("7 2 9", "4 4 1")], return_tensors="pt")
-    press = FastKVzipPress(0.5, gates=random_gates(model), window_size=4)
+    press = FastKVzipPress(0.5, gates=random_gates(model), window_size=4, compaction="masked")
     with press(model):
         model.generate(**batch, max_new_tokens=2, do_sample=False)
     kept = press.last_stats.kept_per_head[0]

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -13,14 +14,16 @@ from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 from transformers import PreTrainedModel
 
+from fastkvzip_press.attention import enable_ragged_attention
+from fastkvzip_press.cache import RaggedLayer
 from fastkvzip_press.layout import ModelLayout, attention_implementation, decoder_layers
+from fastkvzip_press.presses.chunking import ChunkPlan, chunked_forward
+from fastkvzip_press.presses.compaction import COMPACTIONS, apply_masked, apply_ragged, evict_pending
 from fastkvzip_press.presses.gate_binding import GateBinding, GateSource
-from fastkvzip_press.selection import evict_by_ratio, evict_by_threshold, protect
+from fastkvzip_press.selection import evict_by_ratio, evict_by_threshold, evict_smallest, protect
 from fastkvzip_press.stats import EvictionStats
 
 logger = logging.getLogger(__name__)
-
-COMPACTIONS = ("masked",)
 
 
 @dataclass
@@ -32,7 +35,9 @@ class FastKVzipPress(BasePress):
     states. The first ``n_sink`` tokens and a recent window are protected. Once the last gated layer has run,
     one selection over all layers x KV heads x tokens decides what to evict, so each (layer, head) keeps its own
     number of pairs. Eviction happens inside the prefill forward, so ``model.generate`` under ``with press(model)``
-    sees it from its first decoding step.
+    sees it from its first decoding step. By default evicted pairs are really removed: gated layers move to a
+    head-wise ragged cache (:class:`~fastkvzip_press.cache.RaggedLayer`) and the model's attention is switched to
+    a wrapper that attends head by head over it (and calls the original implementation everywhere else).
 
     Parameters
     ----------
@@ -50,9 +55,14 @@ class FastKVzipPress(BasePress):
         context (the paper uses 2 %), at least one token.
     layerwise : bool
         Use the same budget in every layer (selection per layer) instead of one global selection.
-    compaction : "masked"
-        How evicted pairs leave attention. "masked" keeps the cache full size and masks evicted keys through
-        kvpress's attention patch; it needs attn_implementation "sdpa" or "flash_attention_2".
+    compaction : "ragged" | "masked"
+        How evicted pairs leave attention. "ragged" frees their memory (batch size 1). "masked" keeps the cache
+        full size and masks evicted keys through kvpress's attention patch (the reference path; any batch size).
+        Both need attn_implementation "sdpa" or "flash_attention_2".
+    chunk_size : int | None
+        Prefill long contexts ``chunk_size`` tokens at a time, evicting after every chunk with the paper's deferred
+        window, so that peak KV memory is about the retained cache plus one chunk ("ragged" only). The window
+        counts toward the budget; the output of the prefill forward covers the last chunk only.
     """
 
     compression_ratio: float = 0.0
@@ -61,13 +71,15 @@ class FastKVzipPress(BasePress):
     n_sink: int = 4
     window_size: int | float = 0.02
     layerwise: bool = False
-    compaction: Literal["masked"] = "masked"
+    compaction: Literal["ragged", "masked"] = "ragged"
+    chunk_size: int | None = None
 
     last_stats: EvictionStats | None = field(default=None, init=False, repr=False)
     _binding: GateBinding = field(default_factory=GateBinding, init=False, repr=False)
     _attention: dict[int, nn.Module] = field(default_factory=dict, init=False, repr=False)
     _scores: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _num_layers: int = field(default=0, init=False, repr=False)
+    _plan: ChunkPlan | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
@@ -88,6 +100,11 @@ class FastKVzipPress(BasePress):
             raise ValueError(f"window_size must be >= 0 tokens, got {self.window_size}")
         if self.compaction not in COMPACTIONS:
             raise ValueError(f"compaction must be one of {COMPACTIONS}, got {self.compaction!r}")
+        if self.chunk_size is not None:
+            if self.chunk_size < 1:
+                raise ValueError(f"chunk_size is a token count >= 1 (or None for one pass), got {self.chunk_size}")
+            if self.compaction != "ragged":
+                raise ValueError("chunk_size bounds peak memory by evicting for real; it needs compaction='ragged'")
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -99,13 +116,15 @@ class FastKVzipPress(BasePress):
 
     @contextmanager
     def __call__(self, model: PreTrainedModel) -> Generator:
-        if self._evicting() and self.compaction == "masked" and attention_implementation(model) == "eager":
+        if self._evicting() and attention_implementation(model) == "eager":
             raise ValueError(
-                "FastKVzipPress(compaction='masked') masks evicted keys through kvpress's attention patch, which "
-                "does not cover eager attention. Load the model with attn_implementation='sdpa' (or "
-                "'flash_attention_2')."
+                f"FastKVzipPress(compaction={self.compaction!r}) does not support eager attention (kvpress's "
+                "masking patch and the ragged attention wrap sdpa / flash attention). Load the model with "
+                "attn_implementation='sdpa' (or 'flash_attention_2')."
             )
         self.post_init_from_model(model)
+        if self._evicting() and self.compaction == "ragged":
+            enable_ragged_attention(model)
         bank = self._binding.require(type(self).__name__)
         layers = decoder_layers(model)
         self._num_layers = ModelLayout.from_model(model).num_layers
@@ -113,12 +132,20 @@ class FastKVzipPress(BasePress):
         hooks = [
             module.register_forward_hook(self.forward_hook, with_kwargs=True) for module in self._attention.values()
         ]
+        base = model.model if isinstance(getattr(model, "model", None), nn.Module) else model.get_decoder()
+        if self.chunk_size is not None and self._evicting():
+            # Instance attribute shadows the class's forward; kvpress's pipeline calls model.model(...) directly.
+            base.forward = partial(
+                chunked_forward, base.forward, model, self.chunk_size, self._start_plan, self._end_plan
+            )
         try:
             yield
         finally:
             for hook in hooks:
                 hook.remove()
+            base.__dict__.pop("forward", None)
             self._scores.clear()
+            self._plan = None
 
     def window_for(self, context_length: int) -> int:
         """Protected recent tokens for a context of ``context_length`` tokens."""
@@ -130,7 +157,8 @@ class FastKVzipPress(BasePress):
 
     def forward_hook(self, module: nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]
-        if not self._evicting() or not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
+        chunked = self._plan is not None
+        if not self._evicting() or not (chunked or is_prefilling(kwargs["cache_position"], hidden_states.shape[1])):
             return output
         bank = self._binding.require(type(self).__name__)
         if not self._attention:
@@ -139,10 +167,68 @@ class FastKVzipPress(BasePress):
             )
         self._scores[module.layer_idx] = bank.score(module.layer_idx, hidden_states)
         if module.layer_idx == bank.layer_ids[-1]:
-            self._evict()
+            if chunked:
+                self._evict_chunk(kwargs["past_key_values"])
+            else:
+                self._evict(kwargs["past_key_values"])
         return output
 
-    def _evict(self) -> None:
+    # ----------------------------------------------------------------------------------------- chunked prefill
+
+    def _start_plan(self, context_length: int) -> ChunkPlan:
+        window = self.window_for(context_length)
+        if context_length <= self.n_sink + window:
+            raise ValueError(
+                f"the context has {context_length} tokens, not more than the protected n_sink={self.n_sink} + "
+                f"window={window}; nothing could be evicted. Use a longer context or smaller n_sink/window_size."
+            )
+        if self.threshold is not None:
+            self._plan = ChunkPlan(context_length, window, keep_fraction=1.0)
+        else:
+            self._plan = ChunkPlan.for_ratio(context_length, self.compression_ratio, self.n_sink, window)
+        return self._plan
+
+    def _end_plan(self) -> None:
+        self._plan = None
+
+    def _evict_chunk(self, cache) -> None:
+        """Judge every gated layer's undecided tokens but the deferred window, with one selection across layers."""
+        plan = self._plan
+        layer_ids = list(self._attention)
+        for layer_id in layer_ids:
+            scores = self._scores.pop(layer_id)[0]  # [H, t]; batch size 1 is checked on compaction
+            previous = plan.pending.get(layer_id)
+            plan.pending[layer_id] = scores if previous is None else torch.cat([previous, scores], dim=1)
+        n_span = plan.span_to_decide()
+        if n_span > 0:
+            spans = torch.stack([plan.pending[layer_id][:, :n_span] for layer_id in layer_ids])  # [L, H, n]
+            positions = torch.arange(plan.decided, plan.decided + n_span, device=spans.device)
+            spans = spans.masked_fill(positions < self.n_sink, float("inf"))
+            if self.threshold is not None:
+                evicted = evict_by_threshold(spans, self.threshold)
+            else:
+                evictable = int(torch.isfinite(spans).sum())
+                evicted = evict_smallest(spans, evictable - round(evictable * plan.keep_fraction))
+            for layer_id, layer_evicted in zip(layer_ids, evicted):
+                evict_pending(cache, layer_id, layer_evicted, plan.pending[layer_id].shape[1])
+                plan.pending[layer_id] = plan.pending[layer_id][:, n_span:]
+            plan.decided += n_span
+        if plan.chunk_end == plan.context_length:
+            self._record_stats(plan.context_length, {i: cache.layers[i] for i in layer_ids})
+
+    def _record_stats(self, context_length: int, layers: dict[int, RaggedLayer]) -> None:
+        kept = {layer_id: torch.tensor([layer.head_lengths]) for layer_id, layer in layers.items()}
+        heads = next(iter(layers.values())).num_heads
+        self.last_stats = EvictionStats(
+            context_length=context_length,
+            kept_per_head=kept,
+            entries_per_layer=heads * context_length,
+            num_layers=self._num_layers,
+        )
+        if self.threshold is not None:
+            self.compression_ratio = self.last_stats.compression_ratio
+
+    def _evict(self, cache) -> None:
         layer_ids = list(self._attention)
         scores = torch.stack([self._scores.pop(layer_id) for layer_id in layer_ids])  # [L, B, H, T]
         n_layers, bsz, heads, n_tokens = scores.shape
@@ -165,8 +251,11 @@ class FastKVzipPress(BasePress):
                     self.compression_ratio,
                     n_tokens,
                 )
-        for layer_id, layer_evicted in zip(layer_ids, evicted):
-            self._attention[layer_id].masked_key_indices = torch.nonzero(layer_evicted, as_tuple=True)
+        decisions = dict(zip(layer_ids, evicted))
+        if self.compaction == "ragged":
+            apply_ragged(cache, decisions)
+        else:
+            apply_masked(self._attention, decisions)
         self.last_stats = EvictionStats(
             context_length=n_tokens,
             kept_per_head={layer_id: (~mask).sum(-1) for layer_id, mask in zip(layer_ids, evicted)},

@@ -1,0 +1,121 @@
+"""In-place append of new rows at the end of every segment of a ragged row buffer: Triton kernel, torch reference.
+
+The buffer layout is the one of :mod:`fastkvzip_press.triton.ragged_compact`: segment s occupies rows
+``starts[s] : starts[s] + lengths[s]`` of a tensor with leading dimension M, with spare rows after it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastkvzip_press.triton.dispatch import cdiv, kernel_backend, lazy_jit, next_power_of_2
+
+try:
+    import triton.language as tl
+except ImportError:  # Triton ships for Linux only; the torch reference covers the other platforms.
+    tl = None
+
+_MAX_BLOCK_W = 128
+_BLOCK_ELEMENTS = 4096  # rows x columns handled by one program
+_MAX_BLOCK_ROWS = 1024
+
+
+@lazy_jit
+def _append_kernel(
+    buffer_ptr,
+    new_ptr,
+    starts_ptr,
+    lengths_ptr,
+    n_new,
+    width,
+    buffer_stride_row,
+    buffer_stride_col,
+    new_stride_seg,
+    new_stride_row,
+    new_stride_col,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """Program (row block, segment, column block): ``buffer[starts[s] + lengths[s] + i] = new[s, i]``."""
+    seg = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+    mask = (rows < n_new)[:, None] & (cols < width)[None, :]
+    # Loaded as int64, so row offsets into a large buffer cannot overflow.
+    dst_rows = tl.load(starts_ptr + seg) + tl.load(lengths_ptr + seg) + rows
+    src_rows = seg.to(tl.int64) * new_stride_seg + rows.to(tl.int64) * new_stride_row
+    block = tl.load(new_ptr + src_rows[:, None] + cols[None, :] * new_stride_col, mask=mask)
+    tl.store(buffer_ptr + dst_rows[:, None] * buffer_stride_row + cols[None, :] * buffer_stride_col, block, mask=mask)
+
+
+def _check(buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor) -> None:
+    if starts.dim() != 1 or starts.shape != lengths.shape:
+        raise ValueError(f"starts and lengths must be [S], got {tuple(starts.shape)} and {tuple(lengths.shape)}")
+    if new_rows.dim() < 2 or new_rows.shape[0] != starts.shape[0] or new_rows.shape[2:] != buffer.shape[1:]:
+        raise ValueError(
+            f"new_rows must be [S={starts.shape[0]}, t, *{tuple(buffer.shape[1:])}], got {tuple(new_rows.shape)}"
+        )
+    if new_rows.dtype != buffer.dtype:
+        raise TypeError(f"new_rows dtype {new_rows.dtype} differs from the buffer's {buffer.dtype}")
+
+
+def ragged_append_reference(
+    buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor
+) -> None:
+    """Torch implementation of :func:`ragged_append` (same contract, same results)."""
+    _check(buffer, starts, lengths, new_rows)
+    n_segments, n_new = new_rows.shape[:2]
+    targets = (starts.long() + lengths.long())[:, None] + torch.arange(n_new, device=buffer.device)
+    buffer.index_copy_(0, targets.reshape(-1), new_rows.reshape(n_segments * n_new, *buffer.shape[1:]))
+
+
+def _ragged_append_triton(
+    buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor
+) -> None:
+    n_segments, n_new = new_rows.shape[:2]
+    width = math.prod(buffer.shape[1:])
+    if n_segments == 0 or n_new == 0 or width == 0:
+        return
+    if buffer.dtype == torch.bool:  # Triton has no bool pointers of its own; a byte view copies the same bits.
+        buffer, new_rows = buffer.view(torch.uint8), new_rows.view(torch.uint8)
+    try:
+        target = buffer.view(buffer.shape[0], width)  # must alias the buffer: the kernel writes in place
+    except RuntimeError as err:
+        raise ValueError(
+            f"the Triton append needs a buffer whose trailing dimensions flatten without a copy, got strides "
+            f"{buffer.stride()} for shape {tuple(buffer.shape)}"
+        ) from err
+    source = new_rows.reshape(n_segments, n_new, width)
+    block_w = min(next_power_of_2(width), _MAX_BLOCK_W)
+    block_rows = min(_BLOCK_ELEMENTS // block_w, _MAX_BLOCK_ROWS, next_power_of_2(n_new))
+    grid = (cdiv(n_new, block_rows), n_segments, cdiv(width, block_w))
+    _append_kernel[grid](
+        target,
+        source,
+        starts.long(),
+        lengths.long(),
+        n_new,
+        width,
+        target.stride(0),
+        target.stride(1),
+        source.stride(0),
+        source.stride(1),
+        source.stride(2),
+        BLOCK_ROWS=block_rows,
+        BLOCK_W=block_w,
+    )
+
+
+def ragged_append(buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor) -> None:
+    """In place: buffer[starts[s] + lengths[s] + i] = new_rows[s, i] for every segment s and i < t.
+
+    buffer: [M, ...]; new_rows: [S, t, ...] with the same trailing shape and dtype; starts, lengths: [S] int64. The
+    caller guarantees the capacity and updates lengths itself (this function does not change lengths).
+    """
+    _check(buffer, starts, lengths, new_rows)
+    if kernel_backend(buffer) == "triton":
+        _ragged_append_triton(buffer, starts, lengths, new_rows)
+    else:
+        ragged_append_reference(buffer, starts, lengths, new_rows)

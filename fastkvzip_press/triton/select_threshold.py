@@ -1,0 +1,170 @@
+"""Exact selection of the k smallest entries of a flat float32 buffer: Triton radix select and its torch reference.
+
+The Triton path finds the k-th smallest value without sorting: float32 values map to order-preserving 32-bit keys,
+and four passes fix one 8-bit digit of the threshold's key each, from a histogram of that digit over the entries
+that share the digits fixed so far. The host-side bookkeeping between passes runs as small torch ops on the device,
+so the whole selection needs no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkvzip_press.triton.dispatch import cdiv, kernel_backend, lazy_jit
+
+try:
+    import triton.language as tl
+except ImportError:  # Triton ships for Linux only; the torch reference covers the other platforms.
+    tl = None
+
+_BLOCK = 1024
+_RADIX_BITS = 8
+_NUM_BINS = 1 << _RADIX_BITS
+_SHIFTS = (24, 16, 8, 0)  # most significant digit first
+
+# The kernels read the values as int32 bit patterns and compare keys, never floats, so that no flush of subnormals
+# to zero can change a comparison. Keys are kept in the int32 view of the order-preserving uint32 key
+# (uint32 key = signed key ^ 0x80000000): every constant, prefix and comparison then stays in int32, which Triton,
+# its interpreter and torch treat alike.
+
+
+@lazy_jit
+def _radix_histogram_kernel(
+    bits_ptr,
+    n,
+    prefix_ptr,
+    hist_ptr,
+    HI_MASK: tl.constexpr,
+    SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+):
+    """Add to ``hist [NUM_BINS]`` the counts of key digit ``SHIFT`` over entries whose key matches the prefix."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n
+    bits = tl.load(bits_ptr + offs, mask=in_bounds, other=0)
+    bits = tl.where((bits << 1) == 0, 0, bits)  # -0.0 -> 0.0
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 key, ordered like the floats
+    match = in_bounds & ((key & HI_MASK) == tl.load(prefix_ptr))
+    if tl.sum(match.to(tl.int32), axis=0) > 0:
+        digit = (key >> SHIFT) & (NUM_BINS - 1)
+        if SHIFT == 24:
+            digit = digit ^ (NUM_BINS // 2)  # the unsigned key's top digit has the sign bit flipped
+        # Entries outside the prefix go to an overflow bin instead of using histogram's mask argument, which older
+        # Triton releases lack; the overflow half of the histogram is never added.
+        counts = tl.histogram(tl.where(match, digit, NUM_BINS), 2 * NUM_BINS)
+        bins = tl.arange(0, 2 * NUM_BINS)
+        tl.atomic_add(hist_ptr + bins, counts, mask=bins < NUM_BINS)
+
+
+@lazy_jit
+def _tie_count_kernel(bits_ptr, n, threshold_key_ptr, counts_ptr, BLOCK: tl.constexpr):
+    """``counts [num_blocks]``: entries equal to the threshold in each block."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n
+    bits = tl.load(bits_ptr + offs, mask=in_bounds, other=0)
+    bits = tl.where((bits << 1) == 0, 0, bits)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ties = in_bounds & (key == tl.load(threshold_key_ptr))
+    tl.store(counts_ptr + pid, tl.sum(ties.to(tl.int32), axis=0))
+
+
+@lazy_jit
+def _evict_mask_kernel(bits_ptr, n, threshold_key_ptr, tie_offsets_ptr, ties_taken_ptr, evict_ptr, BLOCK: tl.constexpr):
+    """``evict [n]``: values below the threshold, plus the first ``ties_taken`` values equal to it in index order."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n
+    bits = tl.load(bits_ptr + offs, mask=in_bounds, other=0)
+    bits = tl.where((bits << 1) == 0, 0, bits)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    threshold_key = tl.load(threshold_key_ptr)
+    ties = in_bounds & (key == threshold_key)
+    tie_rank = tl.load(tie_offsets_ptr + pid) + tl.cumsum(ties.to(tl.int32), axis=0)  # 1-based over the buffer
+    evict = (key < threshold_key) | (ties & (tie_rank <= tl.load(ties_taken_ptr)))
+    tl.store(evict_ptr + offs, evict, mask=in_bounds)
+
+
+def _check(values: torch.Tensor, k: int) -> None:
+    if values.dtype != torch.float32 or values.dim() != 1:
+        raise TypeError(f"values must be a 1-D float32 tensor, got {values.dtype} of shape {tuple(values.shape)}")
+    if not 0 <= k <= values.numel():
+        raise ValueError(f"k={k} outside [0, {values.numel()}]")
+
+
+def _nothing_selected(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    threshold = torch.tensor(float("-inf"), dtype=torch.float32, device=values.device)
+    return threshold, torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+
+
+def select_smallest_reference(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch implementation of :func:`select_smallest` (same contract, same results bit for bit)."""
+    _check(values, k)
+    if k == 0:
+        return _nothing_selected(values)
+    values = torch.where(values == 0, torch.zeros_like(values), values)  # -0.0 -> 0.0
+    threshold = torch.kthvalue(values, k).values
+    below = values < threshold
+    ties = values == threshold
+    ties_taken = k - below.sum()
+    return threshold, below | (ties & (ties.cumsum(0) <= ties_taken))
+
+
+def _select_smallest_triton(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    bits = values.contiguous().view(torch.int32)
+    n = values.numel()
+    device = values.device
+    grid = (cdiv(n, _BLOCK),)
+    key = torch.zeros((), dtype=torch.int64, device=device)  # unsigned key of the threshold, digits fixed so far
+    rank = torch.full((), k, dtype=torch.int64, device=device)  # 1-based rank of the threshold among the matches
+    prefix = torch.zeros(1, dtype=torch.int32, device=device)  # ``key`` in the kernels' signed view
+    hist = torch.empty(_NUM_BINS, dtype=torch.int32, device=device)
+    for shift in _SHIFTS:
+        hi_mask = (0xFFFFFFFF << (shift + _RADIX_BITS)) & 0xFFFFFFFF
+        hist.zero_()
+        _radix_histogram_kernel[grid](
+            bits,
+            n,
+            prefix,
+            hist,
+            HI_MASK=hi_mask - (1 << 32) if hi_mask >= 1 << 31 else hi_mask,
+            SHIFT=shift,
+            BLOCK=_BLOCK,
+            NUM_BINS=_NUM_BINS,
+        )
+        cumulative = hist.cumsum(0)
+        digit = (cumulative < rank).sum()  # first bin whose cumulative count reaches the rank
+        n_tied = hist[digit]
+        rank = rank - (cumulative[digit] - n_tied)
+        key = key | (digit << shift)
+        prefix.copy_((key - (1 << 31)).reshape(1))
+    # After the last pass the prefix is the full key: ``n_tied`` entries equal the threshold and the ``rank`` first
+    # of them (index order) are selected.
+    counts = torch.empty(grid[0], dtype=torch.int32, device=device)
+    _tie_count_kernel[grid](bits, n, prefix, counts, BLOCK=_BLOCK)
+    tie_offsets = counts.cumsum(0) - counts
+    evict = torch.empty(n, dtype=torch.bool, device=device)
+    _evict_mask_kernel[grid](bits, n, prefix, tie_offsets, rank, evict, BLOCK=_BLOCK)
+    signed = key - (1 << 31)
+    threshold = torch.where(signed < 0, signed ^ 0x7FFFFFFF, signed).to(torch.int32).view(torch.float32)
+    return threshold, evict
+
+
+def select_smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact selection of the k smallest entries of a flat float32 buffer.
+
+    values: [N] float32 (finite or +inf; no NaN). -0.0 is treated as 0.0.
+    k: number of entries to select, 0 <= k <= N.
+    Returns (threshold, evict): threshold is a 0-dim float32 tensor, the k-th smallest value (1-based; -inf when
+    k == 0); evict is a [N] bool mask with exactly k True entries: every value < threshold, plus the first
+    (k - count(values < threshold)) entries equal to threshold in index order (ties go to the lower index), i.e. the
+    first k entries of a stable ascending argsort.
+    Triton path: N < 2**31.
+    """
+    _check(values, k)
+    if k == 0:
+        return _nothing_selected(values)
+    if kernel_backend(values) == "triton":
+        return _select_smallest_triton(values, k)
+    return select_smallest_reference(values, k)
