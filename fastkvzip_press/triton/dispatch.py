@@ -58,7 +58,9 @@ class LazyKernel:
 
     ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so a kernel decorated at import would ignore a
     ``TRITON_INTERPRET=1`` set afterwards (e.g. by a test module imported after the library). Decorating at launch,
-    once per interpreter setting, keeps the module importable without Triton as a bonus.
+    once per interpreter setting, also keeps the module importable without Triton. The same holds for the helpers
+    that triton.language decorates at its own import (``tl.sum``, ``tl.cumsum``, ``tl.zeros``), so kernels meant to
+    run under a late ``TRITON_INTERPRET`` call Triton builtins only.
     """
 
     def __init__(self, fn: Callable[..., None]) -> None:

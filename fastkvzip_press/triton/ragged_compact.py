@@ -80,7 +80,7 @@ def _compact_kernel(
 
     spare_rows = out_start + tl.load(kept_ptr + seg) + rows
     zero = (rows < spare)[:, None] & col_ok[None, :]
-    zeros = tl.zeros([BLOCK_ROWS, BLOCK_W], dtype=dst_ptr.dtype.element_ty)
+    zeros = tl.full([BLOCK_ROWS, BLOCK_W], 0, dtype=dst_ptr.dtype.element_ty)  # tl.zeros is not a builtin
     tl.store(dst_ptr + spare_rows[:, None] * width + cols[None, :], zeros, mask=zero)
 
 

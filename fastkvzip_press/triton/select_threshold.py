@@ -2,8 +2,9 @@
 
 The Triton path finds the k-th smallest value without sorting: float32 values map to order-preserving 32-bit keys,
 and four passes fix one 8-bit digit of the threshold's key each, from a histogram of that digit over the entries
-that share the digits fixed so far. The host-side bookkeeping between passes runs as small torch ops on the device,
-so the whole selection needs no host synchronisation.
+that share the digits fixed so far. The bookkeeping between passes runs as small torch ops on the device, so the
+whole selection needs no host synchronisation. A last kernel compares every key with the threshold's; the tie rule
+(the first equal entries in index order) is a torch cumsum over the equality mask.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ _SHIFTS = (24, 16, 8, 0)  # most significant digit first
 # The kernels read the values as int32 bit patterns and compare keys, never floats, so that no flush of subnormals
 # to zero can change a comparison. Keys are kept in the int32 view of the order-preserving uint32 key
 # (uint32 key = signed key ^ 0x80000000): every constant, prefix and comparison then stays in int32, which Triton,
-# its interpreter and torch treat alike.
+# its interpreter and torch treat alike. The kernels call Triton builtins only: the helpers that triton.language
+# itself jit-compiles (tl.sum, tl.cumsum, ...) are fixed to compiled or interpreted mode when triton is imported, so
+# they would break the interpreter whenever TRITON_INTERPRET is set after that import.
 
 
 @lazy_jit
@@ -46,44 +49,27 @@ def _radix_histogram_kernel(
     bits = tl.where((bits << 1) == 0, 0, bits)  # -0.0 -> 0.0
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 key, ordered like the floats
     match = in_bounds & ((key & HI_MASK) == tl.load(prefix_ptr))
-    if tl.sum(match.to(tl.int32), axis=0) > 0:
-        digit = (key >> SHIFT) & (NUM_BINS - 1)
-        if SHIFT == 24:
-            digit = digit ^ (NUM_BINS // 2)  # the unsigned key's top digit has the sign bit flipped
-        # Entries outside the prefix go to an overflow bin instead of using histogram's mask argument, which older
-        # Triton releases lack; the overflow half of the histogram is never added.
-        counts = tl.histogram(tl.where(match, digit, NUM_BINS), 2 * NUM_BINS)
-        bins = tl.arange(0, 2 * NUM_BINS)
-        tl.atomic_add(hist_ptr + bins, counts, mask=bins < NUM_BINS)
+    digit = (key >> SHIFT) & (NUM_BINS - 1)
+    if SHIFT == 24:
+        digit = digit ^ (NUM_BINS // 2)  # the unsigned key's top digit has the sign bit flipped
+    # Entries outside the prefix go to an overflow bin instead of using histogram's mask argument, which older
+    # Triton releases lack; the overflow half of the histogram is never added, nor are empty bins.
+    counts = tl.histogram(tl.where(match, digit, NUM_BINS), 2 * NUM_BINS)
+    bins = tl.arange(0, 2 * NUM_BINS)
+    tl.atomic_add(hist_ptr + bins, counts, mask=(bins < NUM_BINS) & (counts > 0))
 
 
 @lazy_jit
-def _tie_count_kernel(bits_ptr, n, threshold_key_ptr, counts_ptr, BLOCK: tl.constexpr):
-    """``counts [num_blocks]``: entries equal to the threshold in each block."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = offs < n
-    bits = tl.load(bits_ptr + offs, mask=in_bounds, other=0)
-    bits = tl.where((bits << 1) == 0, 0, bits)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    ties = in_bounds & (key == tl.load(threshold_key_ptr))
-    tl.store(counts_ptr + pid, tl.sum(ties.to(tl.int32), axis=0))
-
-
-@lazy_jit
-def _evict_mask_kernel(bits_ptr, n, threshold_key_ptr, tie_offsets_ptr, ties_taken_ptr, evict_ptr, BLOCK: tl.constexpr):
-    """``evict [n]``: values below the threshold, plus the first ``ties_taken`` values equal to it in index order."""
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+def _compare_kernel(bits_ptr, n, threshold_key_ptr, below_ptr, ties_ptr, BLOCK: tl.constexpr):
+    """``below [n]``: values under the threshold; ``ties [n]``: values equal to it."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offs < n
     bits = tl.load(bits_ptr + offs, mask=in_bounds, other=0)
     bits = tl.where((bits << 1) == 0, 0, bits)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     threshold_key = tl.load(threshold_key_ptr)
-    ties = in_bounds & (key == threshold_key)
-    tie_rank = tl.load(tie_offsets_ptr + pid) + tl.cumsum(ties.to(tl.int32), axis=0)  # 1-based over the buffer
-    evict = (key < threshold_key) | (ties & (tie_rank <= tl.load(ties_taken_ptr)))
-    tl.store(evict_ptr + offs, evict, mask=in_bounds)
+    tl.store(below_ptr + offs, key < threshold_key, mask=in_bounds)
+    tl.store(ties_ptr + offs, key == threshold_key, mask=in_bounds)
 
 
 def _check(values: torch.Tensor, k: int) -> None:
@@ -135,17 +121,14 @@ def _select_smallest_triton(values: torch.Tensor, k: int) -> tuple[torch.Tensor,
         )
         cumulative = hist.cumsum(0)
         digit = (cumulative < rank).sum()  # first bin whose cumulative count reaches the rank
-        n_tied = hist[digit]
-        rank = rank - (cumulative[digit] - n_tied)
+        rank = rank - (cumulative[digit] - hist[digit])  # minus the matches in lower bins
         key = key | (digit << shift)
         prefix.copy_((key - (1 << 31)).reshape(1))
-    # After the last pass the prefix is the full key: ``n_tied`` entries equal the threshold and the ``rank`` first
-    # of them (index order) are selected.
-    counts = torch.empty(grid[0], dtype=torch.int32, device=device)
-    _tie_count_kernel[grid](bits, n, prefix, counts, BLOCK=_BLOCK)
-    tie_offsets = counts.cumsum(0) - counts
-    evict = torch.empty(n, dtype=torch.bool, device=device)
-    _evict_mask_kernel[grid](bits, n, prefix, tie_offsets, rank, evict, BLOCK=_BLOCK)
+    # The prefix is now the threshold's full key, and ``rank`` says how many of the entries equal to it are selected.
+    below = torch.empty(n, dtype=torch.bool, device=device)
+    ties = torch.empty(n, dtype=torch.bool, device=device)
+    _compare_kernel[grid](bits, n, prefix, below, ties, BLOCK=_BLOCK)
+    evict = below | (ties & (ties.cumsum(0, dtype=torch.int32) <= rank))
     signed = key - (1 << 31)
     threshold = torch.where(signed < 0, signed ^ 0x7FFFFFFF, signed).to(torch.int32).view(torch.float32)
     return threshold, evict
