@@ -284,6 +284,10 @@ class RaggedLayer(CacheLayerMixin):
         self._lengths_host = [length - n_drop for length in self._lengths_host]
         self.logical_length = length
         self._uniform_tail -= n_drop
+        # Rolled-back answers leave their rows behind as spare; give them back (one copy per rollback).
+        if max(c - n for c, n in zip(self._capacities_host, self._lengths_host)) > 2 * self.spare_tokens:
+            keep_all = torch.ones(sum(self._lengths_host), dtype=torch.bool, device=self.device)
+            self._replace(keep_all, spare=self.spare_tokens)
 
     def get_seq_length(self) -> int:
         return self.logical_length

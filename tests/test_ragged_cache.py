@@ -73,6 +73,9 @@ def test_pipeline_style_rollback_truncates_appended_tokens():
     layer.values = layer.values[:, :, :n]
     assert layer.head_lengths == lengths and layer.get_seq_length() == n
     assert layer.keys.shape == (1, HEADS, n, DIM)
+    layer.update(*torch.randn(2, 1, HEADS, 40, DIM).unbind(0))  # outgrows the spare rows: rebuilt with more room
+    layer.keys = layer.keys[:, :, :n]
+    assert layer.head_lengths == lengths and layer.spare_bytes() == HEADS * 16 * 2 * DIM * 4  # room given back
     with pytest.raises(ValueError, match="cannot roll back"):
         layer.crop(n - 1)  # evicted tokens are gone; only appended ones can be rolled back
 
