@@ -161,3 +161,12 @@ def test_chunked_prefill_through_pipeline_and_generate(tiny_models, random_gates
 def test_bad_chunk_configuration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FastKVzipPress(0.5, **kwargs)
+
+
+def test_chunked_layerwise_gives_each_layer_the_same_budget(llama, random_gates):
+    model, tokenizer = llama
+    press = FastKVzipPress(0.5, gates=random_gates(model), layerwise=True, window_size=4, chunk_size=40)
+    make_pipeline(model, tokenizer)(CONTEXT, question=QUESTIONS[0], press=press, max_new_tokens=2)
+    per_layer = {int(kept.sum()) for kept in press.last_stats.kept_per_head.values()}
+    assert len(per_layer) == 1
+    assert abs(press.last_stats.compression_ratio - 0.5) < 0.02

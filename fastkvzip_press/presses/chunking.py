@@ -55,6 +55,10 @@ class ChunkPlan:
             return cls(context_length, window, 0.0)
         return cls(context_length, window, (retained - n_sink - window) / (context_length - n_sink - window))
 
+    def n_to_evict(self, evictable: int) -> int:
+        """Pairs to evict among ``evictable`` unprotected pairs of a decided span (ratio mode)."""
+        return evictable - round(evictable * self.keep_fraction)
+
     def span_to_decide(self) -> int:
         """Tokens to judge now: all but the deferred window (the whole rest at the end of the context)."""
         return max(0, self.chunk_end - self.window - self.decided)

@@ -175,13 +175,18 @@ class FastKVzipPress(BasePress):
 
     # ----------------------------------------------------------------------------------------- chunked prefill
 
-    def _start_plan(self, context_length: int) -> ChunkPlan:
+    def _checked_window(self, context_length: int) -> int:
+        """The protected window, after checking that something outside sink and window can be evicted."""
         window = self.window_for(context_length)
         if context_length <= self.n_sink + window:
             raise ValueError(
                 f"the context has {context_length} tokens, not more than the protected n_sink={self.n_sink} + "
                 f"window={window}; nothing could be evicted. Use a longer context or smaller n_sink/window_size."
             )
+        return window
+
+    def _start_plan(self, context_length: int) -> ChunkPlan:
+        window = self._checked_window(context_length)
         if self.threshold is not None:
             self._plan = ChunkPlan(context_length, window, keep_fraction=1.0)
         else:
@@ -206,23 +211,30 @@ class FastKVzipPress(BasePress):
             spans = spans.masked_fill(positions < self.n_sink, float("inf"))
             if self.threshold is not None:
                 evicted = evict_by_threshold(spans, self.threshold)
-            else:
-                evictable = int(torch.isfinite(spans).sum())
-                evicted = evict_smallest(spans, evictable - round(evictable * plan.keep_fraction))
+            else:  # one selection over all layers, or one per layer
+                groups = spans.unbind(0) if self.layerwise else [spans]
+                evicted = torch.cat(
+                    [
+                        evict_smallest(g, plan.n_to_evict(int(torch.isfinite(g).sum()))).reshape(-1, *g.shape[-2:])
+                        for g in groups
+                    ]
+                )
             for layer_id, layer_evicted in zip(layer_ids, evicted):
                 evict_pending(cache, layer_id, layer_evicted, plan.pending[layer_id].shape[1])
                 plan.pending[layer_id] = plan.pending[layer_id][:, n_span:]
             plan.decided += n_span
         if plan.chunk_end == plan.context_length:
-            self._record_stats(plan.context_length, {i: cache.layers[i] for i in layer_ids})
+            layers: dict[int, RaggedLayer] = {i: cache.layers[i] for i in layer_ids}
+            kept = {layer_id: torch.tensor([layer.head_lengths]) for layer_id, layer in layers.items()}
+            self._record_stats(plan.context_length, kept)
 
-    def _record_stats(self, context_length: int, layers: dict[int, RaggedLayer]) -> None:
-        kept = {layer_id: torch.tensor([layer.head_lengths]) for layer_id, layer in layers.items()}
-        heads = next(iter(layers.values())).num_heads
+    def _record_stats(self, context_length: int, kept_per_head: dict[int, torch.Tensor]) -> None:
+        """Store what the prefill kept (``kept_per_head``: ``{layer_id: [B, H]}``); threshold mode learns its ratio."""
+        bsz, heads = next(iter(kept_per_head.values())).shape
         self.last_stats = EvictionStats(
             context_length=context_length,
-            kept_per_head=kept,
-            entries_per_layer=heads * context_length,
+            kept_per_head=kept_per_head,
+            entries_per_layer=bsz * heads * context_length,
             num_layers=self._num_layers,
         )
         if self.threshold is not None:
@@ -232,12 +244,7 @@ class FastKVzipPress(BasePress):
         layer_ids = list(self._attention)
         scores = torch.stack([self._scores.pop(layer_id) for layer_id in layer_ids])  # [L, B, H, T]
         n_layers, bsz, heads, n_tokens = scores.shape
-        window = self.window_for(n_tokens)
-        if n_tokens <= self.n_sink + window:
-            raise ValueError(
-                f"the context has {n_tokens} tokens, not more than the protected n_sink={self.n_sink} + "
-                f"window={window}; nothing could be evicted. Use a longer context or smaller n_sink/window_size."
-            )
+        window = self._checked_window(n_tokens)
         protected = protect(scores, self.n_sink, window)
         if self.threshold is not None:
             evicted = evict_by_threshold(protected, self.threshold)
@@ -256,12 +263,5 @@ class FastKVzipPress(BasePress):
             apply_ragged(cache, decisions)
         else:
             apply_masked(self._attention, decisions)
-        self.last_stats = EvictionStats(
-            context_length=n_tokens,
-            kept_per_head={layer_id: (~mask).sum(-1) for layer_id, mask in zip(layer_ids, evicted)},
-            entries_per_layer=bsz * heads * n_tokens,
-            num_layers=self._num_layers,
-        )
-        if self.threshold is not None:
-            self.compression_ratio = self.last_stats.compression_ratio
+        self._record_stats(n_tokens, {layer_id: (~mask).sum(-1) for layer_id, mask in decisions.items()})
         logger.debug("evicted %d of %d gated KV pairs", int(evicted.sum()), evicted.numel())
