@@ -111,6 +111,61 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(name: str, model_cache: str | None):
+    from fastkvzip_press.models import load_default_model
+
+    if name == "default":
+        logger.info("loading the default model (SmolLM2-135M-Instruct)")
+        return load_default_model(cache_dir=model_cache)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype="auto")
+    return model.eval(), AutoTokenizer.from_pretrained(name)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastkvzip_press.training import FitConfig, TrainConfig, train
+
+    torch.manual_seed(args.seed)
+    fit = FitConfig(steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed)
+    config = TrainConfig(
+        corpus=args.corpus,
+        context_len=args.context_len,
+        max_tokens=args.max_tokens,
+        val_fraction=args.val_fraction,
+        fit=fit,
+    )
+    out = Path(args.out)
+    if not args.resume and (out / "features").exists() and any((out / "features").iterdir()):
+        print(
+            f"error: {out} already holds features; pass --resume to continue that run or pick a new --out",
+            file=sys.stderr,
+        )
+        return 2
+    model, tokenizer = _load_model(args.model, args.model_cache)
+    _, report = train(model, tokenizer, out, config, resume=args.resume, progress=not args.quiet)
+    print(f"Model: {report['model_id']}")
+    print(
+        f"Tokens: {report['train_tokens']} training, {report['val_tokens']} validation "
+        f"({len(report['val_documents'])} held-out documents)"
+    )
+    print("Layer  val BCE  val accuracy")
+    for layer_id, loss, accuracy in zip(
+        report["layer_ids"], report["val_loss_per_layer"], report["val_accuracy_per_layer"]
+    ):
+        print(f"{layer_id:5d}  {loss:7.4f}  {accuracy:12.4f}")
+    mean_accuracy = sum(report["val_accuracy_per_layer"]) / len(report["val_accuracy_per_layer"])
+    print(f"mean   {sum(report['val_loss_per_layer']) / len(report['val_loss_per_layer']):7.4f}  {mean_accuracy:12.4f}")
+    print("Time: " + ", ".join(f"{name[:-2]} {seconds:.0f}s" for name, seconds in report["times"].items()))
+    print(
+        f"Gates: {out / 'gates'} (use --gates {out / 'gates'}); report: {out / 'report.json'}; "
+        f"curves: {out / 'curves.png'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkvzip-press", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results, no progress or logs")
@@ -131,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model-cache", default=None, help="folder of the converted default model")
     gen.add_argument("--no-compare", action="store_true", help="skip the full-cache answer")
     gen.set_defaults(run=_generate)
+
+    tr = commands.add_parser("train", help="train gates for a model: KVzip targets, feature shards, fit, export")
+    tr.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
+    tr.add_argument("--corpus", default="builtin", help="text file or folder, .parquet, hf:<dataset>, or 'builtin'")
+    tr.add_argument("--out", required=True, help="output folder (features, checkpoint, gates, report, curves)")
+    tr.add_argument("--max-tokens", type=int, default=200_000, help="context tokens to extract")
+    tr.add_argument("--context-len", type=int, default=2048, help="tokens per training context")
+    tr.add_argument("--steps", type=int, default=5000)
+    tr.add_argument("--lr", type=float, default=0.2)
+    tr.add_argument("--batch-tokens", type=int, default=1000)
+    tr.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for validation")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    tr.add_argument("--model-cache", default=None, help="folder of the converted default model")
+    tr.set_defaults(run=_train)
     return parser
 
 

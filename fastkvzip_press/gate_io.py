@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from fastkvzip_press.files import atomic_write
 from fastkvzip_press.gate import GateBank, GateMetadata, SinkGate
 from fastkvzip_press.layout import ModelLayout
 
@@ -146,7 +144,7 @@ def write_released(bank: GateBank, path: str | Path) -> Path:
         "module": [{key: value.detach().cpu() for key, value in gate.state_dict().items()} for gate in bank.gates]
     }
     path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -179,8 +177,8 @@ def write_native(bank: GateBank, directory: str | Path) -> tuple[Path, Path]:
         for key, value in gate.state_dict().items()
     }
     weights, meta_path = directory / NATIVE_WEIGHTS, directory / NATIVE_METADATA
-    _atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"fastkvzip_press": json.dumps(meta)}))
-    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"fastkvzip_press": json.dumps(meta)}))
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return weights, meta_path
 
 
@@ -299,16 +297,3 @@ def _read_hub(repo_id: str, layout: ModelLayout | None, filename: str | None) ->
             "Pass a local gate file or folder, or train gates for this model with `fastkvzip-press train`."
         ) from error
     return read_released(local, layout)
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temporary file in the same folder, then rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,0 +1,94 @@
+"""Training text: local files and folders, parquet files, ``datasets`` datasets, or an offline built-in corpus.
+
+Sources (``iter_documents(source)``):
+
+- ``None`` or ``"builtin"``: the English reference documentation that ships with every CPython install
+  (``pydoc_data.topics``: about 465k characters, ~110k tokens, 80+ topics). It needs no network and no download, but it
+  is technical prose about Python, not the broad web text of the paper's fineweb-edu; gates trained on it are a
+  starting point, and more varied text trains better gates.
+- a ``.txt`` / ``.md`` file (one document) or a folder of them (one document per file, sorted by path);
+- a ``.parquet`` file (one document per row of its ``text`` column);
+- ``hf:<dataset>[:<config>]`` (``datasets.load_dataset(..., split="train", streaming=True)``, ``text`` column), for
+  example ``hf:HuggingFaceFW/fineweb-edu:sample-10BT`` as in the paper, where a network allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+BUILTIN = "builtin"
+# Built-in topics shorter than this are merged with their neighbours, so every document has some length.
+MIN_BUILTIN_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training document; ``name`` identifies it in shard metadata (and the validation split)."""
+
+    name: str
+    text: str
+
+
+def _builtin() -> Iterator[Document]:
+    from pydoc_data.topics import topics
+
+    merged, names = [], []
+    for key in sorted(topics):
+        merged.append(topics[key].strip())
+        names.append(key)
+        if sum(len(t) for t in merged) >= MIN_BUILTIN_CHARS:
+            yield Document(f"{BUILTIN}:{names[0]}", "\n\n".join(merged))
+            merged, names = [], []
+    if merged:
+        yield Document(f"{BUILTIN}:{names[0]}", "\n\n".join(merged))
+
+
+def _parquet(path: Path) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["text"])
+    for row, text in enumerate(table.column("text").to_pylist()):
+        if text:
+            yield Document(f"{path.name}:{row}", text)
+
+
+def _hub(spec: str) -> Iterator[Document]:
+    from datasets import load_dataset
+
+    name, _, config = spec.partition(":")
+    dataset = load_dataset(name, config or None, split="train", streaming=True)
+    for row, example in enumerate(dataset):
+        if example.get("text"):
+            yield Document(f"{name}:{row}", example["text"])
+
+
+def iter_documents(source: str | Path | None = None) -> Iterator[Document]:
+    """Documents of ``source`` in a deterministic order (see the module docstring for the accepted sources)."""
+    if source is None or str(source) == BUILTIN:
+        yield from _builtin()
+        return
+    if isinstance(source, str) and source.startswith("hf:"):
+        yield from _hub(source[3:])
+        return
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"corpus {source!r} not found: give a text file, a folder of .txt/.md files, a .parquet file, "
+            "'hf:<dataset>[:<config>]' or 'builtin'"
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES or p.suffix == ".parquet")
+        if not files:
+            raise ValueError(f"corpus folder {path} holds no .txt, .md, .rst or .parquet files")
+    else:
+        files = [path]
+    for file in files:
+        if file.suffix == ".parquet":
+            yield from _parquet(file)
+        else:
+            text = file.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                yield Document(str(file.relative_to(path) if path.is_dir() else file.name), text)

@@ -1,0 +1,187 @@
+"""Forward-only extraction of gate inputs and KVzip targets into on-disk shards, and reading them back.
+
+Each context window of ``context_len`` tokens becomes one shard ``shard_<k>.safetensors``:
+
+- ``hidden`` ``[L_g, n, D]`` bfloat16: post-input-layernorm hidden states of the gated layers (the gate input);
+- ``scores`` ``[L_g, H, n]`` float32: KVzip scores of the same tokens (the targets);
+- header metadata: document name, window index, token count, layer ids, model id.
+
+Shards are written atomically and named by their position in the deterministic window order, so an interrupted
+extraction resumes by skipping the shards already on disk. RAM holds one window at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fastkvzip_press.files import atomic_write
+from fastkvzip_press.layout import ModelLayout
+from fastkvzip_press.training.corpus import Document
+
+logger = logging.getLogger(__name__)
+
+SHARD_GLOB = "shard_*.safetensors"
+_PLACEHOLDER = "\u2063CONTEXT\u2063"
+
+
+@dataclass(frozen=True)
+class Window:
+    """One training context: ``ids [n]`` taken from document ``document`` (its ``index``-th window)."""
+
+    document: str
+    index: int
+    ids: torch.Tensor
+
+
+def chat_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Token ids the chat template puts before a user message (the never-scored sink), ``[p]``."""
+    if not tokenizer.chat_template:
+        return torch.zeros(0, dtype=torch.long)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], tokenize=False)
+    prefix = text.split(_PLACEHOLDER)[0]
+    return torch.tensor(tokenizer.encode(prefix, add_special_tokens=False), dtype=torch.long)
+
+
+def iter_windows(
+    tokenizer: PreTrainedTokenizerBase, documents: Iterable[Document], context_len: int, min_len: int = 256
+) -> Iterator[Window]:
+    """Consecutive ``context_len``-token windows of every document; a last piece shorter than ``min_len`` is dropped."""
+    for document in documents:
+        ids = torch.tensor(tokenizer.encode(document.text, add_special_tokens=False), dtype=torch.long)
+        for index, start in enumerate(range(0, len(ids), context_len)):
+            piece = ids[start : start + context_len]
+            if len(piece) >= min_len:
+                yield Window(document.name, index, piece)
+
+
+def shard_path(directory: Path, position: int) -> Path:
+    return directory / f"shard_{position:06d}.safetensors"
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], header: dict[str, str], path: str) -> None:
+    save_file(tensors, path, metadata=header)
+
+
+def read_shard_metadata(path: Path) -> dict:
+    """The JSON metadata of a shard; raises ``ValueError`` naming the file when it is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads(handle.metadata()["fastkvzip_press"])
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
+        raise ValueError(f"feature shard {path} is unreadable ({error}); delete it and run again to redo it") from error
+
+
+def extract_features(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Iterable[Document],
+    directory: str | Path,
+    context_len: int = 2048,
+    max_tokens: int | None = None,
+    chunk_size: int = 2048,
+    progress: bool = True,
+) -> list[Path]:
+    """Write one shard per context window until ``max_tokens`` context tokens; skip shards already written.
+
+    Returns the shard paths in window order.
+    """
+    from fastkvzip_press.training.targets import kvzip_targets
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layout = ModelLayout.from_model(model)
+    prefix = chat_prefix_ids(tokenizer)
+    paths: list[Path] = []
+    total = 0
+    bar = tqdm(total=max_tokens, unit="tok", desc="features", disable=not progress)
+    for position, window in enumerate(iter_windows(tokenizer, documents, context_len)):
+        if max_tokens is not None and total >= max_tokens:
+            break
+        path = shard_path(directory, position)
+        if path.exists():
+            meta = read_shard_metadata(path)
+            if meta["document"] != window.document or meta["window"] != window.index:
+                raise ValueError(
+                    f"{path} holds {meta['document']}#{meta['window']}, expected {window.document}#{window.index}: "
+                    "the corpus or context length changed since it was written; use a fresh output folder"
+                )
+        else:
+            input_ids = torch.cat([prefix, window.ids])[None].to(model.device)
+            targets = kvzip_targets(
+                model,
+                tokenizer,
+                input_ids,
+                prefix_length=len(prefix),
+                chunk_size=chunk_size,
+                hidden_layers=layout.gated_layer_ids,
+                progress=False,
+            )
+            gated = list(layout.gated_layer_ids)
+            tensors = {
+                "hidden": torch.stack([targets.hidden[i] for i in gated]).to(torch.bfloat16).cpu().contiguous(),
+                "scores": targets.scores[gated].float().cpu().contiguous(),
+            }
+            meta = {
+                "document": window.document,
+                "window": window.index,
+                "tokens": len(window.ids),
+                "layer_ids": gated,
+                "model_id": layout.model_id,
+            }
+            header = {"fastkvzip_press": json.dumps(meta)}
+            atomic_write(path, partial(_save_shard, tensors, header))
+        paths.append(path)
+        total += meta["tokens"]
+        bar.update(meta["tokens"])
+    bar.close()
+    logger.info("%d feature shards (%d context tokens) in %s", len(paths), total, directory)
+    return paths
+
+
+@dataclass
+class FeatureSplit:
+    """Features of one split held in memory: ``hidden [L_g, N, D]`` bf16, ``scores [L_g, H, N]`` fp32."""
+
+    hidden: torch.Tensor
+    scores: torch.Tensor
+    documents: list[str]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.scores.shape[-1]
+
+
+def load_split(paths: list[Path]) -> FeatureSplit:
+    """Concatenate shards along the token axis."""
+    hidden, scores, documents = [], [], []
+    for path in paths:
+        with safe_open(str(path), framework="pt") as handle:
+            hidden.append(handle.get_tensor("hidden"))
+            scores.append(handle.get_tensor("scores"))
+        documents.append(read_shard_metadata(path)["document"])
+    return FeatureSplit(torch.cat(hidden, dim=1), torch.cat(scores, dim=2), sorted(set(documents)))
+
+
+def split_by_document(paths: list[Path], val_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Hold out whole documents (not interleaved tokens) for validation; at least one each side when possible."""
+    by_document: dict[str, list[Path]] = {}
+    for path in paths:
+        by_document.setdefault(read_shard_metadata(path)["document"], []).append(path)
+    names = sorted(by_document)
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(1, round(val_fraction * len(names))), len(names) - 1) if len(names) > 1 else 0
+    val_names = {names[i] for i in order[:n_val]}
+    train = [p for name in names if name not in val_names for p in by_document[name]]
+    val = [p for name in names if name in val_names for p in by_document[name]]
+    return train, val
