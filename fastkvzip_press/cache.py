@@ -237,7 +237,7 @@ class RaggedLayer(CacheLayerMixin):
             raise ValueError(f"the ragged cache holds one sequence, got batch size {key_states.shape[0]}")
         n_new = key_states.shape[2]
         if any(length + n_new > capacity for length, capacity in zip(self._lengths_host, self._capacities_host)):
-            self._regrow(n_new)
+            self._rebuild(spare=n_new + self.spare_tokens)
         ragged_append(self.key_buffer, self.starts, self.lengths, key_states[0].to(self.dtype))
         ragged_append(self.value_buffer, self.starts, self.lengths, value_states[0].to(self.dtype))
         self.lengths += n_new
@@ -245,10 +245,10 @@ class RaggedLayer(CacheLayerMixin):
         self.logical_length += n_new
         self._uniform_tail += n_new
 
-    def _regrow(self, n_new: int) -> None:
-        """Rebuild the buffers with room for ``n_new`` tokens plus ``spare_tokens`` per head (one copy)."""
+    def _rebuild(self, spare: int) -> None:
+        """Copy every retained token into fresh buffers with ``spare`` free rows per head."""
         keep_all = torch.ones(sum(self._lengths_host), dtype=torch.bool, device=self.device)
-        self._replace(keep_all, spare=n_new + self.spare_tokens)
+        self._replace(keep_all, spare=spare)
 
     def compact(self, keep: torch.Tensor, side_rows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Drop tokens: ``keep [sum(lengths)]`` flags every retained row, head after head, in order.
@@ -286,8 +286,7 @@ class RaggedLayer(CacheLayerMixin):
         self._uniform_tail -= n_drop
         # Rolled-back answers leave their rows behind as spare; give them back (one copy per rollback).
         if max(c - n for c, n in zip(self._capacities_host, self._lengths_host)) > 2 * self.spare_tokens:
-            keep_all = torch.ones(sum(self._lengths_host), dtype=torch.bool, device=self.device)
-            self._replace(keep_all, spare=self.spare_tokens)
+            self._rebuild(spare=self.spare_tokens)
 
     def get_seq_length(self) -> int:
         return self.logical_length
