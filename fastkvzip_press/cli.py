@@ -47,6 +47,14 @@ def _generate(args: argparse.Namespace) -> int:
     if args.gates == "random":
         gates = GateBank.random(layout, seed=args.seed)
         gate_label = f"RANDOM untrained gates (seed {args.seed}): eviction is arbitrary, expect worse answers"
+    elif args.gates == "default":
+        gates = load_gates(None, model)
+        training = gates.metadata.training
+        corpus = training.get("config", {}).get("corpus", "?")
+        gate_label = (
+            f"shipped trained gates for {layout.model_id} "
+            f"({training.get('train_tokens', '?')} training tokens, corpus {corpus})"
+        )
     else:
         gates = load_gates(args.gates, model)
         gate_label = f"gates from {args.gates}"
@@ -166,6 +174,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_gates(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastkvzip_press.gate_io import load_gates, write_native
+
+    model = _load_model(args.model, args.model_cache)[0] if args.model else None
+    bank = load_gates(args.gates, model)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[args.dtype]
+    weights, meta = write_native(bank, args.out, storage_dtype=dtype)
+    print(f"Gates: {len(bank.layer_ids)} layers, {weights} ({weights.stat().st_size / 2**20:.1f} MiB), {meta}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkvzip-press", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results, no progress or logs")
@@ -176,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--question", action="append", required=True, help="question (repeat for several)")
     gen.add_argument("--ratio", type=float, default=0.5, help="compression ratio: fraction of KV pairs removed")
     gen.add_argument("--threshold", type=float, default=None, help="adaptive mode: evict gate scores below this")
-    gen.add_argument("--gates", default="random", help="gate file or folder, hub repo id, or 'random' (default)")
+    gen.add_argument(
+        "--gates", default="default", help="'default' (shipped trained gates), a gate file or folder, or 'random'"
+    )
     gen.add_argument("--seed", type=int, default=0, help="seed for random gates")
     gen.add_argument("--n-sink", type=int, default=4)
     gen.add_argument("--window-size", type=float, default=0.02, help="recent window: tokens (>=1) or fraction (<1)")
@@ -201,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     tr.add_argument("--model-cache", default=None, help="folder of the converted default model")
     tr.set_defaults(run=_train)
+
+    ex = commands.add_parser("export-gates", help="rewrite gates in the native format, optionally in bf16 to ship")
+    ex.add_argument("gates", help="gate file or folder (native or released format)")
+    ex.add_argument("--out", required=True, help="output folder for gates.safetensors and gates.json")
+    ex.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    ex.add_argument("--model", default=None, help="'default' or a model folder, to check the gates fit it")
+    ex.add_argument("--model-cache", default=None, help="folder of the converted default model")
+    ex.set_defaults(run=_export_gates)
     return parser
 
 

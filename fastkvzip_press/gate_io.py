@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from fastkvzip_press.bundled import load_bundled
 from fastkvzip_press.files import atomic_write
 from fastkvzip_press.gate import GateBank, GateMetadata, SinkGate
 from fastkvzip_press.layout import ModelLayout
@@ -39,6 +40,8 @@ NATIVE_WEIGHTS = "gates.safetensors"
 NATIVE_METADATA = "gates.json"
 FORMAT_VERSION = 1
 GATE_KEYS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "q_norm.weight", "k_norm.weight", "b", "k_base")
+# The bulk of a gate's parameters; a storage dtype applies to these only (sink keys and norm weights stay fp32).
+PROJECTION_KEYS = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "b")
 
 
 class GateFileError(ValueError):
@@ -166,16 +169,21 @@ def _metadata_dict(bank: GateBank) -> dict[str, Any]:
     }
 
 
-def write_native(bank: GateBank, directory: str | Path) -> tuple[Path, Path]:
-    """Write ``gates.safetensors`` and ``gates.json`` into ``directory``, atomically."""
+def write_native(bank: GateBank, directory: str | Path, storage_dtype: torch.dtype | None = None) -> tuple[Path, Path]:
+    """Write ``gates.safetensors`` and ``gates.json`` into ``directory``, atomically.
+
+    ``storage_dtype`` (e.g. ``torch.bfloat16``) casts the projections, which hold nearly all parameters, to halve the
+    file; the reader builds gates in the stored dtype, so call ``.float()`` on the loaded bank to compute in fp32.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = _metadata_dict(bank)
-    tensors = {
-        f"layers.{i}.{key}": value.detach().cpu().contiguous()
-        for i, gate in enumerate(bank.gates)
-        for key, value in gate.state_dict().items()
-    }
+    tensors = {}
+    for i, gate in enumerate(bank.gates):
+        for key, value in gate.state_dict().items():
+            if storage_dtype is not None and key in PROJECTION_KEYS:
+                value = value.to(storage_dtype)
+            tensors[f"layers.{i}.{key}"] = value.detach().cpu().contiguous()
     weights, meta_path = directory / NATIVE_WEIGHTS, directory / NATIVE_METADATA
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"fastkvzip_press": json.dumps(meta)}))
     atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
@@ -245,7 +253,8 @@ def load_gates(
 
     Args:
         source: a :class:`GateBank`; a local native folder, ``.safetensors`` or released ``.pt`` file; a hub
-            repository id (default :data:`RELEASED_HUB_REPO` when ``None``), resolved with ``huggingface_hub``.
+            repository id, resolved with ``huggingface_hub``; or ``None``: the gates shipped in this package for
+            ``model`` when there are any (see :mod:`fastkvzip_press.bundled`), else :data:`RELEASED_HUB_REPO`.
         model: the model the gates are for. Needed to name the hub file and to match layer ids.
         filename: file inside a hub repository; defaults to ``<model basename lower>/q{G}_dim16_sink16.pt``.
 
@@ -256,6 +265,8 @@ def load_gates(
     layout = ModelLayout.from_model(model) if model is not None else None
     if isinstance(source, GateBank):
         bank = source
+    elif source is None and layout is not None and (shipped := load_bundled(layout.model_id)) is not None:
+        bank = shipped
     else:
         path = Path(source) if source is not None else None
         if path is not None and path.exists():

@@ -29,6 +29,9 @@ def test_default_model_layout_and_needle(default_model):
     answer = pipe(context, question=QUESTION, press=press, max_new_tokens=8)["answer"]
     assert isinstance(answer, str)
     assert abs(press.last_stats.compression_ratio - 0.5) < 1e-3
+    shipped = FastKVzipPress(0.5)  # gates=None: the trained gates shipped for this model
+    assert "4172" in pipe(context, question=QUESTION, press=shipped, max_new_tokens=24)["answer"]
+    assert shipped._binding.bank.metadata.training["source"] == "fastkvzip-press train"
 
 
 @pytest.mark.parametrize("chunk_size", [None, 256])
@@ -53,7 +56,10 @@ def test_cli_generate_prints_answer_and_cache_sizes(default_model_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "Answer (FastKVzipPress):" in out and "Answer (full cache):" in out
-    assert "4172" in out  # the full-cache answer finds the needle
+    assert "Gates: shipped trained gates" in out
+    compressed = out.split("Answer (FastKVzipPress):")[1].split("\n")[0]
+    full = out.split("Answer (full cache):")[1].split("\n")[0]
+    assert "4172" in full and "4172" in compressed  # both find the needle with half the pairs evicted
     assert "full cache:" in out and "(100.0%)" in out
     assert "retained pairs:" in out and "(50.0%)" in out
     stored = float(out.split("stored now:")[1].split("(")[1].split("%")[0])
