@@ -1,0 +1,64 @@
+"""Answer dataset rows with a press through kvpress's pipeline, one compressed cache per context."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, Pipeline
+
+from fastkvzip_press.evaluation.metrics import string_match
+from fastkvzip_press.stats import kv_cache_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def group_by_context(rows: list[dict]) -> Iterator[list[dict]]:
+    """Runs of consecutive rows that share a context (and answer prefix, which the pipeline takes once)."""
+    group: list[dict] = []
+    for row in rows:
+        if group and (row["context"] != group[0]["context"] or row["answer_prefix"] != group[0]["answer_prefix"]):
+            yield group
+            group = []
+        group.append(row)
+    if group:
+        yield group
+
+
+def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = True, desc: str = "") -> list[dict]:
+    """Answer every row; returns one record per row with ``prediction``, ``score`` and ``kv_fraction``.
+
+    Rows with the same context are answered together: the context is prefilled (and compressed) once and each
+    question is asked on that cache, as kvpress's evaluation does. Questions differing in ``answer_prefix`` are
+    asked one at a time, since the pipeline takes one prefix per call. ``kv_fraction`` is the stored KV bytes after
+    answering over the bytes of a full cache of the same length (a ragged cache includes its spare rows).
+    """
+    results = []
+    groups = list(group_by_context(rows))
+    for group in tqdm(groups, desc=desc or "contexts", disable=not progress, leave=False):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            output = pipe(
+                group[0]["context"],
+                questions=[row["question"] for row in group],
+                answer_prefix=group[0]["answer_prefix"],
+                press=press,
+                cache=cache,
+                max_new_tokens=max(row["max_new_tokens"] for row in group),
+            )
+        model = pipe.model
+        n_tokens = cache.get_seq_length()
+        config = model.config.get_text_config()
+        full = (
+            2 * n_tokens * config.num_hidden_layers * config.num_key_value_heads
+            * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+            * next(model.parameters()).element_size()
+        )  # fmt: skip
+        kv_fraction = kv_cache_bytes(cache) / full if full else 1.0
+        for row, prediction in zip(group, output["answers"]):
+            answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
+            score = string_match(prediction, answers)
+            results.append({**row, "prediction": prediction, "score": score, "kv_fraction": kv_fraction})
+    return results
