@@ -2,6 +2,7 @@ import re
 
 import pytest
 from conftest import make_pipeline
+from kvpress import KnormPress
 
 from fastkvzip_press import FastKVzipPress
 from fastkvzip_press.evaluation import NeedleConfig, make_niah_samples, stdlib_paragraphs, string_match, text_paragraphs
@@ -82,3 +83,5 @@ def test_answer_rows_scores_and_measures_the_cache(llama, random_gates, paragrap
     pressed = answer_rows(pipe, rows, FastKVzipPress(0.5, gates=random_gates(model)), progress=False)
     assert all(0.45 < r["kv_fraction"] < 0.7 for r in pressed)
     assert all(r["score"] in (0.0, 1.0) and isinstance(r["prediction"], str) for r in pressed)
+    knorm = answer_rows(pipe, rows, KnormPress(0.5), progress=False)  # dense pruning shortens the cache itself
+    assert all(0.45 < r["kv_fraction"] < 0.55 for r in knorm)

@@ -33,7 +33,7 @@ def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = T
     Rows with the same context are answered together: the context is prefilled (and compressed) once and each
     question is asked on that cache, as kvpress's evaluation does. Questions differing in ``answer_prefix`` are
     asked one at a time, since the pipeline takes one prefix per call. ``kv_fraction`` is the stored KV bytes after
-    answering over the bytes of a full cache of the same length (a ragged cache includes its spare rows).
+    answering over the bytes of a full cache of the context (a ragged cache includes its spare rows).
     """
     results = []
     groups = list(group_by_context(rows))
@@ -49,7 +49,8 @@ def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = T
                 max_new_tokens=max(row["max_new_tokens"] for row in group),
             )
         model = pipe.model
-        n_tokens = cache.get_seq_length()
+        # The context's own length: a dense press that prunes shortens the cache's reported length too.
+        n_tokens = pipe.preprocess(group[0]["context"], [], "", 10**9)["context_ids"].shape[1]
         config = model.config.get_text_config()
         full = (
             2 * n_tokens * config.num_hidden_layers * config.num_key_value_heads
