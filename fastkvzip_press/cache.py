@@ -76,6 +76,12 @@ class RaggedLayer(CacheLayerMixin):
         starts, lengths, capacities: ``[H]`` int64 on the buffers' device (segment start, used rows, owned rows).
         logical_length: tokens appended over the layer's life, evicted or not (what ``get_seq_length`` reports).
         spare_tokens: spare rows given to every head whenever the layer is (re)built.
+        row_scores: per head, gate scores ``[lengths[h]]`` of the retained pairs when the press that built the
+            layer knew them (:class:`~fastkvzip_press.FastKVzipPress` sets them for the decoding press), else None.
+        position_buffer: ``[M]`` int32 logical position of every row, or None (the default: no overhead). Eviction
+            during decoding turns it on (:meth:`track_positions`), so that rolling back to a logical length can drop
+            exactly the rows at or after it even when they are no longer a uniform tail. Rows that were already held
+            when tracking started and were not in the uniform tail read -1 (older than any rollback point).
     """
 
     is_sliding = False
@@ -100,6 +106,8 @@ class RaggedLayer(CacheLayerMixin):
         self.spare_tokens = spare_tokens
         # Tokens appended to every head since the last eviction: only these can be rolled back by truncation.
         self._uniform_tail = 0
+        self.row_scores: list[torch.Tensor] | None = None
+        self.position_buffer: torch.Tensor | None = None
         self.dtype, self.device = key_buffer.dtype, key_buffer.device
 
     # ------------------------------------------------------------------------------------------- construction
@@ -111,8 +119,12 @@ class RaggedLayer(CacheLayerMixin):
         values: torch.Tensor,
         keep: torch.Tensor,
         spare_tokens: int = DEFAULT_SPARE_TOKENS,
+        track_positions: bool = False,
     ) -> RaggedLayer:
-        """Build from dense ``keys``/``values [1, H, T, D]`` keeping the pairs where ``keep [1, H, T]`` is True."""
+        """Build from dense ``keys``/``values [1, H, T, D]`` keeping the pairs where ``keep [1, H, T]`` is True.
+
+        ``track_positions`` also stores every row's logical position (see ``position_buffer``).
+        """
         if keys.shape[0] != 1:
             raise ValueError(
                 f"the ragged cache holds one sequence, got batch size {keys.shape[0]}; run one sequence at a time "
@@ -123,9 +135,37 @@ class RaggedLayer(CacheLayerMixin):
         lengths = torch.full((heads,), n_tokens, device=keys.device, dtype=torch.int64)
         flat_keys = keys[0].reshape(heads * n_tokens, head_dim)
         flat_values = values[0].reshape(heads * n_tokens, head_dim)
-        packed = ragged_compact([flat_keys, flat_values], starts, lengths, keep.reshape(-1), spare=spare_tokens)
-        key_buffer, value_buffer = packed.rows
-        return cls(key_buffer, value_buffer, packed.starts, packed.lengths, packed.capacities, n_tokens, spare_tokens)
+        rows = [flat_keys, flat_values]
+        if track_positions:
+            rows.append(torch.arange(n_tokens, device=keys.device, dtype=torch.int32).repeat(heads))
+        packed = ragged_compact(rows, starts, lengths, keep.reshape(-1), spare=spare_tokens)
+        key_buffer, value_buffer = packed.rows[:2]
+        layer = cls(key_buffer, value_buffer, packed.starts, packed.lengths, packed.capacities, n_tokens, spare_tokens)
+        layer.position_buffer = packed.rows[2] if track_positions else None
+        return layer
+
+    def track_positions(self) -> None:
+        """Start recording every row's logical position (a no-op when already on).
+
+        The uniform tail (tokens appended to every head since the last eviction) gets its true positions; older
+        rows get -1, which keeps them through any rollback to a length after them.
+        """
+        if self.position_buffer is not None:
+            return
+        positions = torch.full((self.key_buffer.shape[0],), -1, dtype=torch.int32, device=self.device)
+        for start, length in self.segment_bounds():
+            tail = min(self._uniform_tail, length)
+            positions[start + length - tail : start + length] = torch.arange(
+                self.logical_length - tail, self.logical_length, dtype=torch.int32, device=self.device
+            )
+        self.position_buffer = positions
+
+    def head_positions(self, head: int) -> torch.Tensor:
+        """Logical positions ``[lengths[head]]`` of one head's rows (-1: held before tracking started)."""
+        if self.position_buffer is None:
+            raise RuntimeError("this layer does not track positions; call track_positions() first")
+        start, length = self.segment_bounds()[head]
+        return self.position_buffer[start : start + length]
 
     # ----------------------------------------------------------------------------------------------- geometry
 
@@ -178,6 +218,8 @@ class RaggedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes the layer holds: both buffers, spare rows included, plus its index tensors."""
         index_bytes = sum(t.numel() * t.element_size() for t in (self.starts, self.lengths, self.capacities))
+        if self.position_buffer is not None:
+            index_bytes += self.position_buffer.nbytes
         return self.key_buffer.nbytes + self.value_buffer.nbytes + index_bytes
 
     def used_bytes(self) -> int:
@@ -240,6 +282,12 @@ class RaggedLayer(CacheLayerMixin):
             self._rebuild(spare=n_new + self.spare_tokens)
         ragged_append(self.key_buffer, self.starts, self.lengths, key_states[0].to(self.dtype))
         ragged_append(self.value_buffer, self.starts, self.lengths, value_states[0].to(self.dtype))
+        if self.position_buffer is not None:
+            new_positions = torch.arange(
+                self.logical_length, self.logical_length + n_new, dtype=torch.int32, device=self.device
+            )
+            new_positions = new_positions.expand(self.num_heads, -1).contiguous()
+            ragged_append(self.position_buffer, self.starts, self.lengths, new_positions)
         self.lengths += n_new
         self._lengths_host = [length + n_new for length in self._lengths_host]
         self.logical_length += n_new
@@ -261,10 +309,13 @@ class RaggedLayer(CacheLayerMixin):
         return side
 
     def _replace(self, keep: torch.Tensor, spare: int, side_rows: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+        positions = [] if self.position_buffer is None else [self.position_buffer]
         packed = ragged_compact(
-            [self.key_buffer, self.value_buffer, *side_rows], self.starts, self.lengths, keep, spare=spare
+            [self.key_buffer, self.value_buffer, *positions, *side_rows], self.starts, self.lengths, keep, spare=spare
         )
         self.key_buffer, self.value_buffer, *side = packed.rows
+        if positions:
+            self.position_buffer, *side = side
         self.starts, self.lengths, self.capacities = packed.starts, packed.lengths, packed.capacities
         self._lengths_host = packed.lengths.tolist()
         self._capacities_host = packed.capacities.tolist()
@@ -276,10 +327,17 @@ class RaggedLayer(CacheLayerMixin):
         if n_drop <= 0:
             return
         if n_drop > self._uniform_tail:
-            raise ValueError(
-                f"cannot roll back {n_drop} tokens: only the {self._uniform_tail} tokens appended since the last "
-                "eviction are still held by every head"
-            )
+            if self.position_buffer is None:
+                raise ValueError(
+                    f"cannot roll back {n_drop} tokens: only the {self._uniform_tail} tokens appended since the last "
+                    "eviction are still held by every head, and this layer does not track positions"
+                )
+            # Eviction during decoding mixed the rolled-back tokens into the heads: drop them by position.
+            keep = torch.cat([self.head_positions(h) < length for h in range(self.num_heads)])
+            self._replace(keep, spare=self.spare_tokens)
+            self.logical_length = length
+            self._uniform_tail = 0
+            return
         self.lengths -= n_drop
         self._lengths_host = [length - n_drop for length in self._lengths_host]
         self.logical_length = length

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import DynamicCache, pipeline  # noqa: E402
 
-from fastkvzip_press import GateBank, ModelLayout  # noqa: E402
+from fastkvzip_press import GateBank, ModelLayout, RaggedLayer  # noqa: E402
 from fastkvzip_press.models import TINY_ARCHITECTURES, tiny_model  # noqa: E402
 
 torch.set_num_threads(2)
@@ -70,6 +70,36 @@ def greedy_after_prefill(model, tokenizer, press, context=CONTEXT, question=QUES
             step_ids = step_logits.argmax(-1, keepdim=True)
             tokens.append(int(step_ids))
             logits.append(step_logits)
+    return tokens, torch.cat(logits), cache
+
+
+def stored_rows_per_head(cache, layer_ids) -> float:
+    """Average pairs held per (gated layer, KV head)."""
+    counts = []
+    for layer_id in layer_ids:
+        layer = cache.layers[layer_id]
+        counts += layer.head_lengths if isinstance(layer, RaggedLayer) else [layer.keys.shape[2]] * layer.keys.shape[1]
+    return sum(counts) / len(counts)
+
+
+def greedy_decode(model, tokenizer, press, n_steps: int, prompt: str = CONTEXT, observe=None):
+    """Prefill ``prompt`` and greedy-decode ``n_steps`` tokens with ``press`` active throughout.
+
+    Returns (tokens, logits [n_steps, V], cache); ``observe(cache, step)`` runs after every step.
+    """
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    cache = DynamicCache()
+    tokens, logits = [], []
+    with torch.no_grad(), press(model):
+        out = model(ids, past_key_values=cache)
+        for step in range(n_steps):
+            step_logits = out.logits[:, -1]
+            next_id = step_logits.argmax(-1, keepdim=True)
+            tokens.append(int(next_id))
+            logits.append(step_logits)
+            out = model(next_id, past_key_values=cache)
+            if observe is not None:
+                observe(cache, step)
     return tokens, torch.cat(logits), cache
 
 

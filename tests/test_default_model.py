@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import greedy_after_prefill, make_pipeline
+from conftest import greedy_after_prefill, greedy_decode, make_pipeline, stored_rows_per_head
 
-from fastkvzip_press import FastKVzipPress, GateBank, ModelLayout
+from fastkvzip_press import FastKVzipDecodingPress, FastKVzipPress, GateBank, ModelLayout
 from fastkvzip_press.cli import main
 from fastkvzip_press.models import load_default_model
 
@@ -73,3 +73,18 @@ def test_cli_bad_inputs(tmp_path, capsys):
     empty.write_text("  \n")
     assert main(["-q", "generate", "--context-file", str(empty), "--question", "q"]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_decoding_press_bounds_the_cache_on_the_default_model(default_model):
+    model, tokenizer = default_model
+    press = FastKVzipDecodingPress(compression_interval=32, target_size=128, window_size=16)  # shipped gates
+    prompt = tokenizer.decode(tokenizer(EXAMPLE.read_text()).input_ids[:200]) + "\n\nRetell this story in detail."
+    rows = []
+
+    def observe(cache, step):
+        rows.append(stored_rows_per_head(cache, range(30)))
+
+    tokens, _, cache = greedy_decode(model, tokenizer, press, 300, prompt=prompt, observe=observe)
+    assert press.last_stats.compressions >= 300 // 32
+    assert max(rows) <= 128 + 32 and rows[-1] <= 128 + 32
+    assert cache.get_seq_length() > 500 and len(set(tokens)) > 20  # it kept writing varied text

@@ -351,6 +351,18 @@ def test_append_writes_into_a_view(needs_triton):
     assert int(base.count_nonzero()) == 12
 
 
+def test_append_one_dimensional_positions(needs_triton):
+    """Per-row side data such as int32 positions [M] appends like keys (the ragged cache's position buffer)."""
+    buffer = torch.full((12,), -1, dtype=torch.int32, device=DEVICE)
+    starts, lengths = as_index([0, 6]), as_index([2, 4])
+    new_rows = torch.tensor([[7, 8], [9, 10]], dtype=torch.int32, device=DEVICE)
+    expected = buffer.clone()
+    ragged_append_reference(expected, starts, lengths, new_rows)
+    with backend("triton"):
+        kernels.ragged_append(buffer, starts, lengths, new_rows)
+    assert torch.equal(buffer, expected) and expected[[2, 3, 10, 11]].tolist() == [7, 8, 9, 10]
+
+
 def test_append_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="new_rows"):
         kernels.ragged_append(torch.zeros(8, 4), as_index([0]), as_index([0]), torch.zeros(1, 2, 3))

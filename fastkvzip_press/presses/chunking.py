@@ -31,6 +31,7 @@ class ChunkPlan:
         chunk_end: logical position just after the chunk being prefilled.
         decided: tokens ``[0, decided)`` have been judged.
         pending: ``{layer_id: scores [H, P]}`` of each gated layer's undecided tail.
+        kept_scores: ``{layer_id: per head, scores of the decided pairs kept}`` (chunks, in order).
     """
 
     context_length: int
@@ -39,6 +40,7 @@ class ChunkPlan:
     chunk_end: int = 0
     decided: int = 0
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
+    kept_scores: dict[int, list[list[torch.Tensor]]] = field(default_factory=dict)
 
     @classmethod
     def for_ratio(cls, context_length: int, compression_ratio: float, n_sink: int, window: int) -> ChunkPlan:

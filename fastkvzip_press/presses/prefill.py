@@ -45,7 +45,8 @@ class FastKVzipPress(BasePress):
         Fraction of KV pairs removed over all gated layers (kvpress convention), in [0, 1). Protected pairs count
         toward the budget. Ignored when ``threshold`` is set; then it is overwritten with the achieved ratio.
     gates : str | Path | GateBank | None
-        Gate source (see :func:`~fastkvzip_press.load_gates`). ``None`` fetches the released gates of the model.
+        Gate source (see :func:`~fastkvzip_press.load_gates`). ``None``: the gates shipped in this package for the
+        model (the default model has some), else the released gates fetched from the hub.
     threshold : float | None
         Adaptive mode: evict every unprotected pair whose gate score is below this value, in [0, 1].
     n_sink : int
@@ -80,6 +81,7 @@ class FastKVzipPress(BasePress):
     _scores: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _num_layers: int = field(default=0, init=False, repr=False)
     _plan: ChunkPlan | None = field(default=None, init=False, repr=False)
+    _own_hooks: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
@@ -109,26 +111,28 @@ class FastKVzipPress(BasePress):
     # ------------------------------------------------------------------------------------------------ lifecycle
 
     def post_init_from_model(self, model: PreTrainedModel):
-        self._binding.bind(self.gates, model)
-
-    def _evicting(self) -> bool:
-        return self.threshold is not None or self.compression_ratio > 0
-
-    @contextmanager
-    def __call__(self, model: PreTrainedModel) -> Generator:
+        """Bind the gates and prepare the model; kvpress wrappers (``PrefillDecodingPress``) call only this."""
         if self._evicting() and attention_implementation(model) == "eager":
             raise ValueError(
                 f"FastKVzipPress(compaction={self.compaction!r}) does not support eager attention (kvpress's "
                 "masking patch and the ragged attention wrap sdpa / flash attention). Load the model with "
                 "attn_implementation='sdpa' (or 'flash_attention_2')."
             )
-        self.post_init_from_model(model)
+        self._binding.bind(self.gates, model)
         if self._evicting() and self.compaction == "ragged":
             enable_ragged_attention(model)
         bank = self._binding.require(type(self).__name__)
         layers = decoder_layers(model)
         self._num_layers = ModelLayout.from_model(model).num_layers
         self._attention = {layer_id: layers[layer_id].self_attn for layer_id in bank.layer_ids}
+
+    def _evicting(self) -> bool:
+        return self.threshold is not None or self.compression_ratio > 0
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Generator:
+        self.post_init_from_model(model)
+        self._own_hooks = True
         hooks = [
             module.register_forward_hook(self.forward_hook, with_kwargs=True) for module in self._attention.values()
         ]
@@ -146,6 +150,7 @@ class FastKVzipPress(BasePress):
             base.__dict__.pop("forward", None)
             self._scores.clear()
             self._plan = None
+            self._own_hooks = False
 
     def window_for(self, context_length: int) -> int:
         """Protected recent tokens for a context of ``context_length`` tokens."""
@@ -161,9 +166,17 @@ class FastKVzipPress(BasePress):
         if not self._evicting() or not (chunked or is_prefilling(kwargs["cache_position"], hidden_states.shape[1])):
             return output
         bank = self._binding.require(type(self).__name__)
+        if not bank.has_layer(module.layer_idx):
+            return output  # a wrapper's hooks cover every layer; sliding-window layers have no gate
         if not self._attention:
             raise RuntimeError(
-                "FastKVzipPress hooks ran outside `with press(model)`; it cannot be nested in ComposedPress"
+                "FastKVzipPress hooks ran before post_init_from_model; enter it with `with press(model)` or a "
+                "kvpress wrapper such as PrefillDecodingPress (it cannot be nested in ComposedPress)"
+            )
+        if self.chunk_size is not None and not self._own_hooks:
+            raise ValueError(
+                "chunk_size needs FastKVzipPress's own context manager (it splits the prefill forward); inside "
+                "PrefillDecodingPress the context is prefilled in one pass, so leave chunk_size=None there"
             )
         self._scores[module.layer_idx] = bank.score(module.layer_idx, hidden_states)
         if module.layer_idx == bank.layer_ids[-1]:
@@ -221,10 +234,16 @@ class FastKVzipPress(BasePress):
                 )
             for layer_id, layer_evicted in zip(layer_ids, evicted):
                 evict_pending(cache, layer_id, layer_evicted, plan.pending[layer_id].shape[1])
+                kept = plan.kept_scores.setdefault(layer_id, [[] for _ in range(layer_evicted.shape[0])])
+                for head, (span, gone) in enumerate(zip(plan.pending[layer_id][:, :n_span], layer_evicted)):
+                    kept[head].append(span[~gone])
                 plan.pending[layer_id] = plan.pending[layer_id][:, n_span:]
             plan.decided += n_span
         if plan.chunk_end == plan.context_length:
             layers: dict[int, RaggedLayer] = {i: cache.layers[i] for i in layer_ids}
+            for layer_id, layer in layers.items():  # the final window stays pending and is kept
+                kept = plan.kept_scores.get(layer_id, [[] for _ in layer.head_lengths])
+                layer.row_scores = [torch.cat([*parts, tail]) for parts, tail in zip(kept, plan.pending[layer_id])]
             kept = {layer_id: torch.tensor([layer.head_lengths]) for layer_id, layer in layers.items()}
             self._record_stats(plan.context_length, kept)
 
@@ -261,6 +280,8 @@ class FastKVzipPress(BasePress):
         decisions = dict(zip(layer_ids, evicted))
         if self.compaction == "ragged":
             apply_ragged(cache, decisions)
+            for layer_id, layer_scores, layer_evicted in zip(layer_ids, scores, evicted):
+                cache.layers[layer_id].row_scores = [s[~gone] for s, gone in zip(layer_scores[0], layer_evicted[0])]
         else:
             apply_masked(self._attention, decisions)
         self._record_stats(n_tokens, {layer_id: (~mask).sum(-1) for layer_id, mask in decisions.items()})

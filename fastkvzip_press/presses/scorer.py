@@ -30,7 +30,8 @@ class FastKVzipScorerPress(ScorerPress):
         Fraction of KV pairs removed (kvpress convention), in [0, 1).
     gates : str | Path | GateBank | None
         Gate source: a :class:`~fastkvzip_press.GateBank`, a local gate file or folder, or a hub repository id.
-        ``None`` fetches the released gates for the model from ``Jang-Hyun/Fast-KVzip``.
+        ``None``: the gates shipped in this package for the model, else the released gates from
+        ``Jang-Hyun/Fast-KVzip``.
 
     Notes
     -----
