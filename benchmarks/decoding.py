@@ -70,6 +70,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from transformers.utils import logging as hf_logging
+
+    if args.quiet:
+        hf_logging.disable_progress_bar()
     from kvpress import DecodingPress, KnormPress
 
     from fastkvzip_press import FastKVzipDecodingPress

@@ -100,6 +100,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
     import torch
+    from transformers.utils import logging as hf_logging
+
+    if args.quiet:
+        hf_logging.disable_progress_bar()
     from transformers import pipeline
 
     from fastkvzip_press.evaluation import NeedleConfig, make_niah_samples, stdlib_paragraphs
@@ -112,8 +116,9 @@ def main() -> None:
     config = NeedleConfig(context_tokens=args.context_tokens, n_needles=args.needles)
     rows = make_niah_samples(tokenizer, stdlib_paragraphs(), n_contexts=args.contexts, config=config, seed=args.seed)
     settings = {"contexts": args.contexts, "tokens": args.context_tokens, "needles": args.needles, "seed": args.seed}
-    settings["command"] = "python benchmarks/niah_presses.py " + " ".join(
-        f"--{k} {v}" for k, v in (("contexts", args.contexts), ("needles", args.needles), ("seed", args.seed))
+    settings["command"] = (
+        f"python benchmarks/niah_presses.py --contexts {args.contexts} --needles {args.needles} --seed {args.seed} "
+        f"--presses {' '.join(args.presses)} --ratios {' '.join(str(r) for r in args.ratios)}"
     )
 
     out = Path(args.out)

@@ -45,9 +45,9 @@ class DecodingStats:
 class FastKVzipDecodingPress(DecodingPress):
     """Gated eviction while generating (Fast KVzip, arXiv 2601.17668, decoding setting).
 
-    Every gated layer scores each new token with its gate as the token is computed (the gate reads one token's
-    post-layernorm hidden state, so scoring token by token gives the scores the paper computes on 128-token buffers,
-    without holding hidden states). Every ``compression_interval`` new tokens, one selection over all gated
+    Every gated layer buffers the post-layernorm hidden states of new tokens and scores them with its gate in one
+    call per ``compression_interval`` tokens, as the paper does (a prompt longer than the interval is scored at
+    once). Every ``compression_interval`` new tokens, one selection over all gated
     layers x KV heads evicts the lowest-scored pairs down to ``target_size`` pairs per head on average (or to
     ``1 - compression_ratio`` of the logical length), never the first ``n_sink`` pairs nor the last ``window_size``
     pairs of a head. With ``compaction="ragged"`` evicted pairs are freed (the layer becomes a
@@ -67,7 +67,7 @@ class FastKVzipDecodingPress(DecodingPress):
     target_size : int
         Pairs kept per (gated layer, KV head) on average after a compression.
     hidden_states_buffer_size : int
-        Unused (kvpress field): tokens are scored as they come, nothing is buffered.
+        Unused (kvpress field): the buffer always holds exactly the tokens not scored yet (at most one interval).
     gates : str | Path | GateBank | None
         Gate source (see :func:`~fastkvzip_press.load_gates`); ``None``: shipped gates, else the released ones.
     compression_ratio : float | None
@@ -98,6 +98,9 @@ class FastKVzipDecodingPress(DecodingPress):
     # logical position (masked, with ``_alive`` marking the ones not evicted).
     _scores: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
     _alive: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    # Per gated layer: hidden states [t, D] of tokens not scored yet (at most one interval), and their count.
+    _pending: dict[int, list[torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _n_pending: dict[int, int] = field(default_factory=dict, init=False, repr=False)
     _cache_id: int | None = field(default=None, init=False, repr=False)
     _new_tokens: int = field(default=0, init=False, repr=False)
     _warned_unscored: bool = field(default=False, init=False, repr=False)
@@ -142,6 +145,8 @@ class FastKVzipDecodingPress(DecodingPress):
         super().reset()
         self._scores.clear()
         self._alive.clear()
+        self._pending.clear()
+        self._n_pending.clear()
         self._cache_id = None
         self._new_tokens = 0
         for module in self._attention.values():
@@ -161,8 +166,7 @@ class FastKVzipDecodingPress(DecodingPress):
             self.reset()
             self._cache_id = id(cache)
             self.last_stats = DecodingStats()
-        fresh = bank.score(layer_id, hidden_states)[0].float()  # [H, t]
-        self._record(layer_id, cache.layers[layer_id], fresh)
+        self._record(layer_id, cache.layers[layer_id], hidden_states[0].detach())
         if layer_id == bank.layer_ids[-1]:
             self._new_tokens += hidden_states.shape[1]
             if self._new_tokens >= self.compression_interval:
@@ -176,17 +180,44 @@ class FastKVzipDecodingPress(DecodingPress):
             return layer.head_lengths
         return [layer.keys.shape[2]] * layer.keys.shape[1]
 
-    def _record(self, layer_id: int, layer, fresh: torch.Tensor) -> None:
-        """Append this step's scores ``fresh [H, t]``, after aligning the stored scores with the layer's rows."""
-        n_new = fresh.shape[1]
+    def _record(self, layer_id: int, layer, hidden: torch.Tensor) -> None:
+        """Buffer this forward's hidden states ``[t, D]``; they are scored in one gate call per interval.
+
+        The stored scores plus the buffered tokens must match the layer's rows before this forward; when they do not
+        (a rollback, or pairs this press never saw), the scores are realigned first.
+        """
+        n_new = hidden.shape[0]
         rows = self._rows(layer)
         known = self._scores.get(layer_id)
+        n_pending = self._n_pending.get(layer_id, 0)
+        if known is None or any(s.shape[0] + n_pending != n - n_new for s, n in zip(known, rows)):
+            self._flush(layer_id)
+            self._align(layer_id, layer, [n - n_new for n in rows], hidden.device)
+        self._pending.setdefault(layer_id, []).append(hidden)
+        self._n_pending[layer_id] = self._n_pending.get(layer_id, 0) + n_new
+        if self._n_pending[layer_id] >= self.compression_interval:  # long prompts are scored at once
+            self._flush(layer_id)
+
+    def _flush(self, layer_id: int) -> None:
+        """Score the buffered hidden states and append their scores to every head."""
+        pending = self._pending.pop(layer_id, [])
+        self._n_pending[layer_id] = 0
+        if not pending:
+            return
+        bank = self._binding.require(type(self).__name__)
+        fresh = bank.score(layer_id, torch.cat(pending)[None])[0].float()  # [H, n]
+        known = self._scores.get(layer_id) or [fresh.new_empty(0) for _ in range(fresh.shape[0])]
+        self._scores[layer_id] = [torch.cat([s.to(fresh.device), f]) for s, f in zip(known, fresh)]
+
+    def _align(self, layer_id: int, layer, rows_before: list[int], device: torch.device) -> None:
+        """Make the stored scores cover exactly ``rows_before[h]`` rows per head (the rows before this forward)."""
+        known = self._scores.get(layer_id)
         if known is None:
-            known = [torch.as_tensor(s, dtype=torch.float32) for s in (getattr(layer, "row_scores", None) or [])]
-            if self.compaction == "masked" or len(known) != len(rows):
-                known = [fresh.new_empty(0) for _ in rows]
-        for head, (scores, n_rows) in enumerate(zip(known, rows)):
-            n_before = n_rows - n_new
+            inherited = getattr(layer, "row_scores", None) or []
+            known = [torch.as_tensor(s, dtype=torch.float32) for s in inherited]
+            if self.compaction == "masked" or len(known) != len(rows_before):
+                known = [torch.empty(0, device=device) for _ in rows_before]
+        for head, (scores, n_before) in enumerate(zip(known, rows_before)):
             if scores.shape[0] > n_before:  # the pipeline rolled an answer back
                 scores = scores[:n_before]
             elif scores.shape[0] < n_before:  # pairs this press never saw (a prefill it did not run)
@@ -200,14 +231,10 @@ class FastKVzipDecodingPress(DecodingPress):
                         layer_id,
                     )
                 scores = torch.cat([scores, scores.new_ones(n_before - scores.shape[0])])
-            known[head] = torch.cat([scores.to(fresh.device), fresh[head]])
+            known[head] = scores.to(device)
         self._scores[layer_id] = known
-        if self.compaction == "masked":  # every logical position has a score; ``_alive [H, T]`` marks the held ones
-            n_logical = rows[0]
-            alive = self._alive.get(layer_id, torch.ones(len(rows), 0, dtype=torch.bool, device=fresh.device))
-            alive = alive[:, : n_logical - n_new]
-            fill = alive.new_ones(len(rows), n_logical - alive.shape[1])
-            self._alive[layer_id] = torch.cat([alive, fill], dim=1)
+        if self.compaction == "masked" and layer_id in self._alive:
+            self._alive[layer_id] = self._alive[layer_id][:, : rows_before[0]]
 
     # -------------------------------------------------------------------------------------------------- evict
 
@@ -221,6 +248,11 @@ class FastKVzipDecodingPress(DecodingPress):
         """Per head: scores of the pairs still held, in order, with the first ``n_sink`` and last ``window_size``
         of them set to +inf."""
         heads = []
+        if self.compaction == "masked":  # every logical position has a score; ``_alive [H, T]`` marks the held ones
+            scores = self._scores[layer_id]
+            alive = self._alive.get(layer_id, torch.ones(len(scores), 0, dtype=torch.bool, device=scores[0].device))
+            fill = alive.new_ones(len(scores), scores[0].shape[0] - alive.shape[1])
+            self._alive[layer_id] = torch.cat([alive, fill], dim=1)
         for head, scores in enumerate(self._scores[layer_id]):
             if self.compaction == "masked":
                 scores = scores[self._alive[layer_id][head]]
@@ -232,6 +264,8 @@ class FastKVzipDecodingPress(DecodingPress):
         return heads
 
     def _compress(self, cache: Cache) -> None:
+        for layer_id in list(self._pending):
+            self._flush(layer_id)
         layer_ids = list(self._scores)
         candidates = {layer_id: self._candidates(layer_id) for layer_id in layer_ids}
         counts = {layer_id: [c.shape[0] for c in heads] for layer_id, heads in candidates.items()}
