@@ -18,7 +18,7 @@ from fastkvzip_press.layout import attention_implementation, decoder_layers
 from fastkvzip_press.presses.compaction import COMPACTIONS, check_ragged_batch
 from fastkvzip_press.presses.gate_binding import GateBinding, GateSource
 from fastkvzip_press.presses.scorer import FastKVzipScorerPress
-from fastkvzip_press.selection import evict_smallest
+from fastkvzip_press.selection import evict_smallest, protect
 
 logger = logging.getLogger(__name__)
 
@@ -256,11 +256,7 @@ class FastKVzipDecodingPress(DecodingPress):
         for head, scores in enumerate(self._scores[layer_id]):
             if self.compaction == "masked":
                 scores = scores[self._alive[layer_id][head]]
-            protected = scores.clone()
-            protected[: self.n_sink] = float("inf")
-            if self.window_size:
-                protected[-self.window_size :] = float("inf")
-            heads.append(protected)
+            heads.append(protect(scores, self.n_sink, self.window_size))
         return heads
 
     def _compress(self, cache: Cache) -> None:
@@ -303,6 +299,7 @@ class FastKVzipDecodingPress(DecodingPress):
     def _compact_ragged(self, cache: Cache, layer_id: int, keep: torch.Tensor) -> None:
         layer = cache.layers[layer_id]
         if isinstance(layer, RaggedLayer):
+            layer.row_scores = None  # the prefill's scores no longer match the rows; this press holds them now
             layer.track_positions()  # so that kvpress's rollback after the answer stays exact
             layer.compact(keep.to(layer.device))
             return
