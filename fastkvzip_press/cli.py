@@ -27,6 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from fastkvzip_press import FastKVzipPress, GateBank, ModelLayout, kv_cache_bytes, load_gates
     from fastkvzip_press.models import load_default_model
+    from fastkvzip_press.stats import full_cache_bytes
 
     context_path = Path(args.context_file)
     if not context_path.is_file():
@@ -87,8 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
     stats = press.last_stats
     stored_bytes = kv_cache_bytes(cache)
     n_context = stats.context_length if stats else cache.get_seq_length()
-    element = next(model.parameters()).element_size()
-    full_bytes = 2 * n_context * layout.num_layers * layout.num_kv_heads * layout.head_dim * element
+    full_bytes = full_cache_bytes(model, n_context)
     print(f"Gates: {gate_label}")
     print(f"Context: {n_context} tokens, {layout.num_layers} layers")
     for i, question in enumerate(questions):

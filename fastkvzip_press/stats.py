@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache
+from transformers import Cache, PreTrainedModel
+
+from fastkvzip_press.layout import ModelLayout
 
 
 @dataclass
@@ -63,3 +65,10 @@ def kv_cache_bytes(cache: Cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def full_cache_bytes(model: PreTrainedModel, n_tokens: int) -> int:
+    """Bytes of an uncompressed dense KV cache of ``n_tokens`` tokens for ``model`` (keys and values, all layers)."""
+    layout = ModelLayout.from_model(model)
+    element = next(model.parameters()).element_size()
+    return 2 * n_tokens * layout.num_layers * layout.num_kv_heads * layout.head_dim * element

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import torch
@@ -10,9 +9,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, Pipeline
 
 from fastkvzip_press.evaluation.metrics import string_match
-from fastkvzip_press.stats import kv_cache_bytes
-
-logger = logging.getLogger(__name__)
+from fastkvzip_press.stats import full_cache_bytes, kv_cache_bytes
 
 
 def group_by_context(rows: list[dict]) -> Iterator[list[dict]]:
@@ -48,15 +45,9 @@ def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = T
                 cache=cache,
                 max_new_tokens=max(row["max_new_tokens"] for row in group),
             )
-        model = pipe.model
         # The context's own length: a dense press that prunes shortens the cache's reported length too.
         n_tokens = pipe.preprocess(group[0]["context"], [], "", 10**9)["context_ids"].shape[1]
-        config = model.config.get_text_config()
-        full = (
-            2 * n_tokens * config.num_hidden_layers * config.num_key_value_heads
-            * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-            * next(model.parameters()).element_size()
-        )  # fmt: skip
+        full = full_cache_bytes(pipe.model, n_tokens)
         kv_fraction = kv_cache_bytes(cache) / full if full else 1.0
         for row, prediction in zip(group, output["answers"]):
             answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
