@@ -91,3 +91,18 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= ``n`` (1 for ``n <= 1``); Triton block shapes must be powers of two."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+# Row-copy kernels (compact, append) tile [rows, columns]; one program handles about this many elements.
+MAX_BLOCK_W = 128
+BLOCK_ELEMENTS = 4096
+MAX_BLOCK_ROWS = 1024
+
+
+def row_block_shape(width: int, max_rows: int | None = None) -> tuple[int, int]:
+    """``(block_rows, block_w)`` for copying rows of ``width`` elements, at most ``max_rows`` rows per block."""
+    block_w = min(next_power_of_2(width), MAX_BLOCK_W)
+    block_rows = min(BLOCK_ELEMENTS // block_w, MAX_BLOCK_ROWS)
+    if max_rows is not None:
+        block_rows = min(block_rows, next_power_of_2(max_rows))
+    return block_rows, block_w

@@ -10,16 +10,12 @@ import math
 
 import torch
 
-from fastkvzip_press.triton.dispatch import cdiv, kernel_backend, lazy_jit, next_power_of_2
+from fastkvzip_press.triton.dispatch import cdiv, kernel_backend, lazy_jit, row_block_shape
 
 try:
     import triton.language as tl
 except ImportError:  # Triton ships for Linux only; the torch reference covers the other platforms.
     tl = None
-
-_MAX_BLOCK_W = 128
-_BLOCK_ELEMENTS = 4096  # rows x columns handled by one program
-_MAX_BLOCK_ROWS = 1024
 
 
 @lazy_jit
@@ -88,8 +84,7 @@ def _ragged_append_triton(
             f"{buffer.stride()} for shape {tuple(buffer.shape)}"
         ) from err
     source = new_rows.reshape(n_segments, n_new, width)
-    block_w = min(next_power_of_2(width), _MAX_BLOCK_W)
-    block_rows = min(_BLOCK_ELEMENTS // block_w, _MAX_BLOCK_ROWS, next_power_of_2(n_new))
+    block_rows, block_w = row_block_shape(width, max_rows=n_new)
     grid = (cdiv(n_new, block_rows), n_segments, cdiv(width, block_w))
     _append_kernel[grid](
         target,

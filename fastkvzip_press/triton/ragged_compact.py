@@ -13,16 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkvzip_press.triton.dispatch import cdiv, kernel_backend, lazy_jit, next_power_of_2
+from fastkvzip_press.triton.dispatch import cdiv, kernel_backend, lazy_jit, row_block_shape
 
 try:
     import triton.language as tl
 except ImportError:  # Triton ships for Linux only; the torch reference covers the other platforms.
     tl = None
-
-_MAX_BLOCK_W = 128
-_BLOCK_ELEMENTS = 4096  # rows x columns handled by one program
-_MAX_BLOCK_ROWS = 1024
 
 
 @dataclass
@@ -182,8 +178,7 @@ def _ragged_compact_triton(
             continue
         src = _as_copyable(t).reshape(t.shape[0], width)
         dst = _as_copyable(packed).view(plan.total_rows, width)
-        block_w = min(next_power_of_2(width), _MAX_BLOCK_W)
-        block_rows = min(_BLOCK_ELEMENTS // block_w, _MAX_BLOCK_ROWS)
+        block_rows, block_w = row_block_shape(width)
         grid = (cdiv(max(plan.max_length, spare), block_rows), len(lengths), cdiv(width, block_w))
         _compact_kernel[grid](
             src,
