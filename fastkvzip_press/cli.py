@@ -187,6 +187,118 @@ def _export_gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import pipeline
+
+    from fastkvzip_press.evaluation.presses import PressResources, press_spec
+    from fastkvzip_press.evaluation.results import RunConfig, collect_runs
+    from fastkvzip_press.evaluation.run import execute_runs, make_dataset, plan_runs
+    from fastkvzip_press.models import cache_root
+
+    for name in args.presses:
+        press_spec(name)  # unknown names fail before the model loads
+    torch.manual_seed(args.seed)
+    model, tokenizer = _load_model(args.model, args.model_cache)
+    model_id = model.config.name_or_path
+    tokenizer_path = (
+        str(Path(args.model_cache) if args.model_cache else cache_root() / "smollm2-135m-instruct")
+        if args.model == "default"
+        else args.model
+    )
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    out = Path(args.out)
+    for context_length in args.data_dir:
+        rows = make_dataset(
+            args.dataset, tokenizer, context_length, args.samples, args.seed, tuple(args.tasks), args.haystack
+        )
+        if args.max_new_tokens is not None:
+            rows = [row | {"max_new_tokens": args.max_new_tokens} for row in rows]
+        base = RunConfig(
+            dataset=args.dataset,
+            data_dir=str(context_length),
+            model=model_id,
+            press_name="",
+            device=str(model.device),
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            model_kwargs={"attn_implementation": "sdpa", "dtype": str(model.dtype).removeprefix("torch.")},
+        )
+        runs = plan_runs(args.presses, args.ratios, args.thresholds, base, out)
+        logger.info(
+            "%s %d tokens: %d rows, %d runs (%d finished earlier)",
+            args.dataset,
+            context_length,
+            len(rows),
+            len(runs),
+            sum((run.folder / "metrics.json").exists() for run in runs),
+        )
+        resources = PressResources(model, None if args.gates == "default" else args.gates, tokenizer_path)
+        execute_runs(pipe, rows, runs, resources, progress=not args.quiet)
+    if args.report:
+        _write_report(out, Path(args.report), " ".join(["fastkvzip-press", *sys.argv[1:]]))
+    summaries = [r for r in collect_runs(out) if r.dataset == args.dataset and r.model == model_id]
+    for run in summaries:
+        print(f"{run.folder.name}: {run.score:.1f} (ratio {run.compression_ratio:.2f}, {run.n_rows} rows)")
+    return 0
+
+
+def _write_report(results: Path, report: Path, command: str) -> None:
+    from fastkvzip_press.evaluation.report import markdown_table, plot_scores
+    from fastkvzip_press.evaluation.results import collect_runs
+
+    runs = collect_runs(results)
+    if not runs:
+        raise ValueError(f"{results} holds no finished runs (folders with predictions.csv and metrics.json)")
+    report.mkdir(parents=True, exist_ok=True)
+    stem = runs[0].dataset
+    plot = plot_scores(runs, report / f"{stem}.png")
+    table = markdown_table(runs) + f"\nCommand: `{command}`\n"
+    (report / f"{stem}.md").write_text(table)
+    logger.info("report: %s and %s", report / f"{stem}.md", plot)
+
+
+def _eval_report(args: argparse.Namespace) -> int:
+    _write_report(Path(args.results), Path(args.out), " ".join(["fastkvzip-press", *sys.argv[1:]]))
+    print((Path(args.out) / f"{_first_dataset(Path(args.results))}.md").read_text())
+    return 0
+
+
+def _first_dataset(results: Path) -> str:
+    from fastkvzip_press.evaluation.results import collect_runs
+
+    return collect_runs(results)[0].dataset
+
+
+def _export_dataset(args: argparse.Namespace) -> int:
+    from fastkvzip_press.evaluation.run import make_dataset, write_parquet_dataset
+
+    _, tokenizer = _load_model(args.model, args.model_cache)
+    for context_length in args.data_dir:
+        rows = make_dataset(
+            args.dataset, tokenizer, context_length, args.samples, args.seed, tuple(args.tasks), args.haystack
+        )
+        path = write_parquet_dataset(rows, args.out, str(context_length))
+        print(f"{path}: {len(rows)} rows")
+    return 0
+
+
+def _kvpress_eval(args: argparse.Namespace) -> int:
+    from fastkvzip_press.evaluation.leaderboard import fetch_kvpress_evaluation, run_kvpress_evaluate
+
+    evaluation = Path(args.kvpress_evaluation) if args.kvpress_evaluation else fetch_kvpress_evaluation()
+    local = {}
+    for item in args.local_dataset:
+        name, sep, folder = item.partition("=")
+        if not sep or not Path(folder).is_dir():
+            raise ValueError(f"--local-dataset takes NAME=FOLDER with an existing folder, got {item!r}")
+        local[name] = Path(folder)
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    run_kvpress_evaluate(evaluation, arguments, gates=None if args.gates == "default" else args.gates,
+                         local_datasets=local)  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkvzip-press", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results, no progress or logs")
@@ -232,6 +344,64 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default=None, help="'default' or a model folder, to check the gates fit it")
     ex.add_argument("--model-cache", default=None, help="folder of the converted default model")
     ex.set_defaults(run=_export_gates)
+
+    from fastkvzip_press.evaluation.ruler import RULER_TASKS
+    from fastkvzip_press.evaluation.run import DATASETS
+
+    ev = commands.add_parser(
+        "eval", help="compare presses on a locally generated benchmark; writes kvpress's results folders"
+    )
+    ev.add_argument("--dataset", choices=DATASETS, default="ruler-local")
+    ev.add_argument(
+        "--data-dir", type=int, nargs="+", default=[4096], help="context length(s) in tokens (kvpress's data_dir)"
+    )
+    ev.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
+    ev.add_argument("--presses", nargs="+", default=["no_press", "fastkvzip_press"], help="press names (see docs)")
+    ev.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="compression ratios for ratio presses")
+    ev.add_argument("--thresholds", type=float, nargs="*", default=[], help="gate thresholds for threshold presses")
+    ev.add_argument("--samples", type=int, default=4, help="samples per task (ruler-local) or contexts (niah-local)")
+    ev.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
+    ev.add_argument("--haystack", default=None, help="niah-local: a local text file to hide needles in")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="cap every answer (default: the task's own)")
+    ev.add_argument("--gates", default="default", help="'default' (shipped or hub gates) or a gate file or folder")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", default="results", help="results folder (one sub-folder per run, as kvpress writes)")
+    ev.add_argument("--report", default=None, help="also write <dataset>.md and <dataset>.png here")
+    ev.add_argument("--model-cache", default=None, help="folder of the converted default model")
+    ev.set_defaults(run=_eval)
+
+    rp = commands.add_parser("eval-report", help="Markdown table and PNG plot from a results folder")
+    rp.add_argument("results", help="folder of results sub-folders (ours or kvpress's evaluate.py's)")
+    rp.add_argument("--out", required=True, help="where to write <dataset>.md and <dataset>.png")
+    rp.set_defaults(run=_eval_report)
+
+    xd = commands.add_parser("export-dataset", help="write a generated dataset as parquet for kvpress's evaluate.py")
+    xd.add_argument("--dataset", choices=DATASETS, default="ruler-local")
+    xd.add_argument("--data-dir", type=int, nargs="+", default=[4096], help="context length(s) in tokens")
+    xd.add_argument("--model", default="default", help="whose tokenizer fits the lengths: 'default' or a folder")
+    xd.add_argument("--samples", type=int, default=10)
+    xd.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
+    xd.add_argument("--haystack", default=None, help="niah-local: a local text file to hide needles in")
+    xd.add_argument("--seed", type=int, default=0)
+    xd.add_argument("--out", required=True, help="dataset folder: <out>/<data_dir>/test-00000-of-00001.parquet")
+    xd.add_argument("--model-cache", default=None, help="folder of the converted default model")
+    xd.set_defaults(run=_export_dataset)
+
+    kv = commands.add_parser(
+        "kvpress-eval",
+        help="run kvpress's own evaluation/evaluate.py with our presses registered (leaderboard folders)",
+        description="Everything after the options goes to kvpress's evaluate.py, e.g. -- --model Qwen/Qwen3-8B "
+        "--dataset ruler --data_dir 4096 --press_name fastkvzip_press --compression_ratio 0.5. Our entries: "
+        "fastkvzip_press, fastkvzip_press_threshold (with --threshold), fastkvzip_press_chunked, "
+        "adakv_fastkvzip_scorer, decoding_fastkvzip_press.",
+    )
+    kv.add_argument("--kvpress-evaluation", default=None, help="kvpress's evaluation/ folder (default: fetch it)")
+    kv.add_argument("--gates", default="default", help="'default' (shipped or released hub gates) or a gate path")
+    kv.add_argument(
+        "--local-dataset", action="append", default=[], help="NAME=FOLDER of export-dataset output (repeatable)"
+    )
+    kv.add_argument("arguments", nargs=argparse.REMAINDER, help="kvpress evaluate.py flags")
+    kv.set_defaults(run=_kvpress_eval)
     return parser
 
 

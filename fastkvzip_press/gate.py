@@ -154,6 +154,13 @@ class GateBank(nn.Module):
     def layer_ids(self) -> tuple[int, ...]:
         return self.metadata.layer_ids
 
+    def __repr__(self) -> str:
+        # One line: presses print their fields (kvpress's evaluation stores str(press) in config.yaml).
+        return (
+            f"GateBank(model_id={self.metadata.model_id!r}, layers={len(self.gates)}, kv_heads={self.num_kv_heads}, "
+            f"group_size={self.group_size}, rank={self.rank}, n_sink={self.n_sink})"
+        )
+
     def has_layer(self, layer_id: int) -> bool:
         return layer_id in self._slot
 

@@ -25,12 +25,15 @@ def group_by_context(rows: list[dict]) -> Iterator[list[dict]]:
 
 
 def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = True, desc: str = "") -> list[dict]:
-    """Answer every row; returns one record per row with ``prediction``, ``score`` and ``kv_fraction``.
+    """Answer every row; returns one record per row with ``prediction``, ``score``, ``kv_fraction`` and
+    ``compression_ratio``.
 
     Rows with the same context are answered together: the context is prefilled (and compressed) once and each
     question is asked on that cache, as kvpress's evaluation does. Questions differing in ``answer_prefix`` are
     asked one at a time, since the pipeline takes one prefix per call. ``kv_fraction`` is the stored KV bytes after
     answering over the bytes of a full cache of the context (a ragged cache includes its spare rows).
+    ``compression_ratio`` is the press's ratio after the context, as kvpress's evaluation records it (a threshold
+    press reports the ratio it achieved; 0 without a press).
     """
     results = []
     groups = list(group_by_context(rows))
@@ -49,8 +52,10 @@ def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = T
         n_tokens = pipe.preprocess(group[0]["context"], [], "", 10**9)["context_ids"].shape[1]
         full = full_cache_bytes(pipe.model, n_tokens)
         kv_fraction = kv_cache_bytes(cache) / full if full else 1.0
+        ratio = float(getattr(press, "compression_ratio", 0.0)) if press is not None else 0.0
         for row, prediction in zip(group, output["answers"]):
             answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
             score = string_match(prediction, answers)
-            results.append({**row, "prediction": prediction, "score": score, "kv_fraction": kv_fraction})
+            measured = {"kv_fraction": kv_fraction, "compression_ratio": ratio}
+            results.append({**row, "prediction": prediction, "score": score, **measured})
     return results

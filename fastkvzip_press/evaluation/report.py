@@ -1,0 +1,123 @@
+"""Score-vs-compression tables (Markdown) and plots (PNG) from results folders."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from fastkvzip_press.evaluation.presses import PRESS_SPECS
+from fastkvzip_press.evaluation.results import RunSummary
+
+
+def _is_ours(press_name: str) -> bool:
+    spec = PRESS_SPECS.get(press_name)
+    return bool(spec and spec.ours)
+
+
+def _x(run: RunSummary) -> float:
+    """Where a run sits on the ratio axis: the ratio its press recorded (achieved, for threshold presses)."""
+    return run.compression_ratio if not math.isnan(run.compression_ratio) else run.value
+
+
+def markdown_table(runs: list[RunSummary]) -> str:
+    """One section per (dataset, data_dir): a press x ratio table of mean scores, then per-task scores.
+
+    Cells read ``score`` (mean over tasks, percent) with the stored KV fraction when measured, e.g. ``62.5 (0.51)``;
+    threshold presses list each threshold with its achieved ratio.
+    """
+    sections = []
+    groups: dict[tuple[str, str, str], list[RunSummary]] = defaultdict(list)
+    for run in runs:
+        groups[(run.dataset, run.data_dir, run.model)].append(run)
+    for (dataset, data_dir, model), group in groups.items():
+        ratios = sorted({round(r.value, 4) for r in group if PRESS_SPECS.get(r.press_name, None) is None
+                         or PRESS_SPECS[r.press_name].knob == "ratio"})  # fmt: skip
+        rows: dict[str, dict[float, RunSummary]] = defaultdict(dict)
+        for run in group:
+            rows[run.press_name][round(run.value, 4)] = run
+        n_rows = max(r.n_rows for r in group)
+        tasks = sorted({task for r in group for task in r.task_scores})
+        lines = [
+            f"**{dataset}, {data_dir} tokens, {model}**: mean string-match score (%) over {len(tasks)} task(s), "
+            f"{n_rows} samples per run; in brackets the stored KV bytes over the full cache's.",
+            "",
+            "| press | " + " | ".join(f"ratio {ratio:.2f}" for ratio in ratios) + " |",
+            "|---|" + "---|" * len(ratios),
+        ]
+        order = sorted(rows, key=lambda name: (name != "no_press", not _is_ours(name), name))
+        for name in order:
+            by_value = rows[name]
+            label = f"**{name}**" if _is_ours(name) else name
+            spec = PRESS_SPECS.get(name)
+            if spec is not None and spec.knob == "threshold":
+                cells = ", ".join(
+                    f"t={run.value:.2f}: {run.score:.1f} at ratio {run.compression_ratio:.2f}"
+                    for run in sorted(by_value.values(), key=lambda r: r.value)
+                )
+                lines.append(f"| {label} | {cells} |" + " |" * (len(ratios) - 1))
+                continue
+            cells = []
+            for ratio in ratios:
+                run = by_value.get(ratio) or (by_value.get(0.0) if name == "no_press" else None)
+                if run is None:
+                    cells.append("")
+                else:
+                    kv = "" if math.isnan(run.kv_fraction) else f" ({run.kv_fraction:.2f})"
+                    cells.append(f"{run.score:.1f}{kv}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "Per task at each press's runs (string match %):", ""]
+        lines.append("| press | value | " + " | ".join(tasks) + " |")
+        lines.append("|---|---|" + "---|" * len(tasks))
+        for name in order:
+            for run in sorted(rows[name].values(), key=lambda r: r.value):
+                scores = " | ".join(f"{run.task_scores.get(task, math.nan):.0f}" for task in tasks)
+                lines.append(f"| {name} | {run.value:.2f} | {scores} |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def plot_scores(runs: list[RunSummary], path: Path) -> Path:
+    """Score vs compression ratio, one panel per (dataset, data_dir), one line per press; ours solid and thick,
+    kvpress's dashed, the full cache a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[RunSummary]] = defaultdict(list)
+    for run in runs:
+        groups[(run.dataset, run.data_dir)].append(run)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
+    names = sorted({run.press_name for run in runs})
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    for axis, ((dataset, data_dir), group) in zip(axes[0], groups.items()):
+        by_press: dict[str, list[RunSummary]] = defaultdict(list)
+        for run in group:
+            by_press[run.press_name].append(run)
+        for name, press_runs in sorted(by_press.items()):
+            if name == "no_press":
+                axis.axhline(press_runs[0].score, color="black", linestyle=":", label="no_press (full cache)")
+                continue
+            points = sorted((_x(run), run.score) for run in press_runs)
+            ours = _is_ours(name)
+            axis.plot(
+                [x for x, _ in points],
+                [y for _, y in points],
+                marker="o",
+                linestyle="-" if ours else "--",
+                linewidth=2.4 if ours else 1.2,
+                color=colors[name],
+                label=name + (" (ours)" if ours else ""),
+            )
+        axis.set_title(f"{dataset}, {data_dir} tokens")
+        axis.set_xlabel("compression ratio (fraction of KV pairs removed)")
+        axis.set_ylabel("mean string-match score (%)")
+        axis.set_ylim(-2, 102)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
