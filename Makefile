@@ -42,4 +42,4 @@ results: $(STAMP)
 		fastkvzip knorm streaming_llm snapkv expected_attention tova kvzip
 	$(EVAL) --data-dir 4096 --ratios 0.5 --presses no_press \
 		fastkvzip_press fastkvzip knorm streaming_llm snapkv expected_attention
-	$(BIN)/fastkvzip-press eval-report $(RESULTS) --out benchmarks/results
+	$(BIN)/fastkvzip-press eval-report $(RESULTS) --out benchmarks/results --readme README.md

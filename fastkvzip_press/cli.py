@@ -236,15 +236,15 @@ def _eval(args: argparse.Namespace) -> int:
         resources = PressResources(model, None if args.gates == "default" else args.gates, tokenizer_path)
         execute_runs(pipe, rows, runs, resources, progress=not args.quiet)
     if args.report:
-        _write_report(out, Path(args.report), " ".join(["fastkvzip-press", *sys.argv[1:]]))
+        _write_report(out, Path(args.report), args.command_line)
     summaries = [r for r in collect_runs(out) if r.dataset == args.dataset and r.model == model_id]
     for run in summaries:
         print(f"{run.folder.name}: {run.score:.1f} (ratio {run.compression_ratio:.2f}, {run.n_rows} rows)")
     return 0
 
 
-def _write_report(results: Path, report: Path, command: str) -> None:
-    from fastkvzip_press.evaluation.report import markdown_table, plot_scores
+def _write_report(results: Path, report: Path, command: str, readme: Path | None = None) -> None:
+    from fastkvzip_press.evaluation.report import markdown_table, plot_scores, replace_readme_block
     from fastkvzip_press.evaluation.results import collect_runs
 
     runs = collect_runs(results)
@@ -253,13 +253,14 @@ def _write_report(results: Path, report: Path, command: str) -> None:
     report.mkdir(parents=True, exist_ok=True)
     stem = runs[0].dataset
     plot = plot_scores(runs, report / f"{stem}.png")
-    table = markdown_table(runs) + f"\nCommand: `{command}`\n"
-    (report / f"{stem}.md").write_text(table)
+    (report / f"{stem}.md").write_text(markdown_table(runs) + f"\nCommand: `{command}`\n")
+    if readme is not None:
+        replace_readme_block(readme, stem, markdown_table(runs, per_task=False))
     logger.info("report: %s and %s", report / f"{stem}.md", plot)
 
 
 def _eval_report(args: argparse.Namespace) -> int:
-    _write_report(Path(args.results), Path(args.out), " ".join(["fastkvzip-press", *sys.argv[1:]]))
+    _write_report(Path(args.results), Path(args.out), args.command_line, Path(args.readme) if args.readme else None)
     print((Path(args.out) / f"{_first_dataset(Path(args.results))}.md").read_text())
     return 0
 
@@ -373,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = commands.add_parser("eval-report", help="Markdown table and PNG plot from a results folder")
     rp.add_argument("results", help="folder of results sub-folders (ours or kvpress's evaluate.py's)")
     rp.add_argument("--out", required=True, help="where to write <dataset>.md and <dataset>.png")
+    rp.add_argument("--readme", default=None, help="also fill the <!-- <dataset>:start/end --> block of this file")
     rp.set_defaults(run=_eval_report)
 
     xd = commands.add_parser("export-dataset", help="write a generated dataset as parquet for kvpress's evaluate.py")
@@ -407,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["fastkvzip-press", *(sys.argv[1:] if argv is None else argv)])
     if getattr(args, "window_size", None) is not None and args.window_size >= 1:
         args.window_size = int(args.window_size)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

@@ -20,8 +20,13 @@ def _x(run: RunSummary) -> float:
     return run.compression_ratio if not math.isnan(run.compression_ratio) else run.value
 
 
-def markdown_table(runs: list[RunSummary]) -> str:
-    """One section per (dataset, data_dir): a press x ratio table of mean scores, then per-task scores.
+README_START = "<!-- {name}:start -->"
+README_END = "<!-- {name}:end -->"
+
+
+def markdown_table(runs: list[RunSummary], per_task: bool = True) -> str:
+    """One section per (dataset, data_dir): a press x ratio table of mean scores, then (``per_task``) per-task
+    scores.
 
     Cells read ``score`` (mean over tasks, percent) with the stored KV fraction when measured, e.g. ``62.5 (0.51)``;
     threshold presses list each threshold with its achieved ratio.
@@ -66,15 +71,27 @@ def markdown_table(runs: list[RunSummary]) -> str:
                     kv = "" if math.isnan(run.kv_fraction) else f" ({run.kv_fraction:.2f})"
                     cells.append(f"{run.score:.1f}{kv}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += ["", "Per task at each press's runs (string match %):", ""]
-        lines.append("| press | value | " + " | ".join(tasks) + " |")
-        lines.append("|---|---|" + "---|" * len(tasks))
-        for name in order:
-            for run in sorted(rows[name].values(), key=lambda r: r.value):
-                scores = " | ".join(f"{run.task_scores.get(task, math.nan):.0f}" for task in tasks)
-                lines.append(f"| {name} | {run.value:.2f} | {scores} |")
+        if per_task:
+            lines += ["", "Per task (string match %; value = ratio, or threshold for threshold presses):", ""]
+            lines.append("| press | value | " + " | ".join(tasks) + " |")
+            lines.append("|---|---|" + "---|" * len(tasks))
+            for name in order:
+                for run in sorted(rows[name].values(), key=lambda r: r.value):
+                    scores = " | ".join(f"{run.task_scores.get(task, math.nan):.0f}" for task in tasks)
+                    lines.append(f"| {name} | {run.value:g} | {scores} |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
+
+
+def replace_readme_block(readme: Path, name: str, content: str) -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``readme``."""
+    text = readme.read_text()
+    start, end = README_START.format(name=name), README_END.format(name=name)
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} block to fill")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{content.strip()}\n{end}{tail}")
 
 
 def plot_scores(runs: list[RunSummary], path: Path) -> Path:
