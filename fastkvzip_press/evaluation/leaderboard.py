@@ -88,7 +88,11 @@ def fetch_kvpress_evaluation(cache: Path | None = None, kvpress_version: str | N
         prefix = f"kvpress-{kvpress_version}/evaluation/"
         staging = Path(tmp) / "extract"
         with tarfile.open(archives[0]) as archive:
-            archive.extractall(staging, members=list(_safe_members(archive, prefix)))
+            members = list(_safe_members(archive, prefix))
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: also refuse odd modes and links
+                archive.extractall(staging, members=members, filter="data")
+            else:
+                archive.extractall(staging, members=members)
         target.mkdir(parents=True, exist_ok=True)
         partial = target / ".evaluation.partial"
         shutil.rmtree(partial, ignore_errors=True)
