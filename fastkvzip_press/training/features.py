@@ -73,13 +73,20 @@ def _save_shard(tensors: dict[str, torch.Tensor], header: dict[str, str], path: 
     save_file(tensors, path, metadata=header)
 
 
+_UNREADABLE = (SafetensorError, KeyError, json.JSONDecodeError, OSError)
+
+
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"feature shard {path} is unreadable ({error}); delete it and run again to redo it")
+
+
 def read_shard_metadata(path: Path) -> dict:
     """The JSON metadata of a shard; raises ``ValueError`` naming the file when it is unreadable."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return json.loads(handle.metadata()["fastkvzip_press"])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
-        raise ValueError(f"feature shard {path} is unreadable ({error}); delete it and run again to redo it") from error
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from error
 
 
 def extract_features(
@@ -166,10 +173,13 @@ def load_split(paths: list[Path]) -> FeatureSplit:
     """Concatenate shards along the token axis."""
     hidden, scores, documents = [], [], []
     for path in paths:
-        with safe_open(str(path), framework="pt") as handle:
-            hidden.append(handle.get_tensor("hidden"))
-            scores.append(handle.get_tensor("scores"))
-        documents.append(read_shard_metadata(path)["document"])
+        try:  # one open per shard: tensors and metadata together
+            with safe_open(str(path), framework="pt") as handle:
+                hidden.append(handle.get_tensor("hidden"))
+                scores.append(handle.get_tensor("scores"))
+                documents.append(json.loads(handle.metadata()["fastkvzip_press"])["document"])
+        except _UNREADABLE as error:
+            raise _unreadable(path, error) from error
     return FeatureSplit(torch.cat(hidden, dim=1), torch.cat(scores, dim=2), sorted(set(documents)))
 
 
