@@ -191,7 +191,7 @@ def test_eval_runs_write_kvpress_folders_skip_finished_and_refuse_other_data(tmp
     summaries = collect_runs(tmp_path)
     assert len(summaries) == 5
     table = markdown_table(summaries)
-    assert "| **fastkvzip_press** |" in table and "| knorm |" in table and "t=0.30:" in table
+    assert "| **fastkvzip_press** |" in table and "| knorm |" in table and "t=0.3: " in table
     png = plot_scores(summaries, tmp_path / "report" / "ruler-local.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -57,7 +57,7 @@ def markdown_table(runs: list[RunSummary], per_task: bool = True) -> str:
             spec = PRESS_SPECS.get(name)
             if spec is not None and spec.knob == "threshold":
                 cells = ", ".join(
-                    f"t={run.value:.2f}: {run.score:.1f} at ratio {run.compression_ratio:.2f}"
+                    f"t={run.value:g}: {run.score:.1f} at ratio {run.compression_ratio:.2f}"
                     for run in sorted(by_value.values(), key=lambda r: r.value)
                 )
                 lines.append(f"| {label} | {cells} |" + " |" * (len(ratios) - 1))
