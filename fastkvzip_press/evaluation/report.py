@@ -96,7 +96,7 @@ def replace_readme_block(readme: Path, name: str, content: str) -> None:
 
 def plot_scores(runs: list[RunSummary], path: Path) -> Path:
     """Score vs compression ratio, one panel per (dataset, data_dir), one line per press; ours solid and thick,
-    kvpress's dashed, the full cache a horizontal line."""
+    kvpress's dashed, the full cache a dotted horizontal line. One legend for all panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,35 +105,42 @@ def plot_scores(runs: list[RunSummary], path: Path) -> Path:
     groups: dict[tuple[str, str], list[RunSummary]] = defaultdict(list)
     for run in runs:
         groups[(run.dataset, run.data_dir)].append(run)
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
-    names = sorted({run.press_name for run in runs})
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    names = sorted({run.press_name for run in runs if run.press_name != "no_press"}, key=lambda n: (not _is_ours(n), n))
+    palette = plt.get_cmap("tab10").colors + ((0.35, 0.35, 0.35), (0.6, 0.4, 0.0))
+    styles = {name: (palette[i % len(palette)], "osD^v<>ph*XP"[i % 12]) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups) + 2.5, 4.8), squeeze=False)
+    handles: dict[str, object] = {}
     for axis, ((dataset, data_dir), group) in zip(axes[0], groups.items()):
         by_press: dict[str, list[RunSummary]] = defaultdict(list)
         for run in group:
             by_press[run.press_name].append(run)
         for name, press_runs in sorted(by_press.items()):
             if name == "no_press":
-                axis.axhline(press_runs[0].score, color="black", linestyle=":", label="no_press (full cache)")
+                handles["no_press (full cache)"] = axis.axhline(press_runs[0].score, color="black", linestyle=":")
                 continue
             points = sorted((_x(run), run.score) for run in press_runs)
             ours = _is_ours(name)
-            axis.plot(
+            color, marker = styles[name]
+            (line,) = axis.plot(
                 [x for x, _ in points],
                 [y for _, y in points],
-                marker="o",
+                marker=marker,
                 linestyle="-" if ours else "--",
                 linewidth=2.4 if ours else 1.2,
-                color=colors[name],
-                label=name + (" (ours)" if ours else ""),
+                color=color,
             )
+            handles[name + (" (ours)" if ours else "")] = line
         axis.set_title(f"{dataset}, {data_dir} tokens")
         axis.set_xlabel("compression ratio (fraction of KV pairs removed)")
         axis.set_ylabel("mean string-match score (%)")
-        axis.set_ylim(-2, 102)
+        axis.set_xlim(0.0, 1.0)
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
+    top = min(102.0, max(run.score for run in runs) + 15)
+    for axis in axes[0]:
+        axis.set_ylim(-2, top)
+    order = sorted(handles, key=lambda label: (not label.startswith("no_press"), "(ours)" not in label, label))
+    fig.legend([handles[label] for label in order], order, fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
