@@ -192,20 +192,16 @@ def _eval(args: argparse.Namespace) -> int:
     from transformers import pipeline
 
     from fastkvzip_press.evaluation.presses import PressResources, press_spec
-    from fastkvzip_press.evaluation.results import RunConfig, collect_runs
+    from fastkvzip_press.evaluation.results import RunConfig, collect_runs, is_finished
     from fastkvzip_press.evaluation.run import execute_runs, make_dataset, plan_runs
-    from fastkvzip_press.models import cache_root
+    from fastkvzip_press.models import default_model_dir
 
     for name in args.presses:
         press_spec(name)  # unknown names fail before the model loads
     torch.manual_seed(args.seed)
     model, tokenizer = _load_model(args.model, args.model_cache)
     model_id = model.config.name_or_path
-    tokenizer_path = (
-        str(Path(args.model_cache) if args.model_cache else cache_root() / "smollm2-135m-instruct")
-        if args.model == "default"
-        else args.model
-    )
+    tokenizer_path = str(default_model_dir(args.model_cache)) if args.model == "default" else args.model
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
     out = Path(args.out)
     for context_length in args.data_dir:
@@ -231,7 +227,7 @@ def _eval(args: argparse.Namespace) -> int:
             context_length,
             len(rows),
             len(runs),
-            sum((run.folder / "metrics.json").exists() for run in runs),
+            sum(is_finished(run.folder) for run in runs),
         )
         resources = PressResources(model, None if args.gates == "default" else args.gates, tokenizer_path)
         execute_runs(pipe, rows, runs, resources, progress=not args.quiet)
@@ -243,7 +239,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_report(results: Path, report: Path, command: str, readme: Path | None = None) -> None:
+def _write_report(results: Path, report: Path, command: str, readme: Path | None = None) -> Path:
+    """Write ``<dataset>.png`` and ``<dataset>.md`` into ``report`` (and the README block); returns the .md path."""
     from fastkvzip_press.evaluation.report import markdown_table, plot_scores, replace_readme_block
     from fastkvzip_press.evaluation.results import collect_runs
 
@@ -253,22 +250,19 @@ def _write_report(results: Path, report: Path, command: str, readme: Path | None
     report.mkdir(parents=True, exist_ok=True)
     stem = runs[0].dataset
     plot = plot_scores(runs, report / f"{stem}.png")
-    (report / f"{stem}.md").write_text(markdown_table(runs) + f"\nCommand: `{command}`\n")
+    table = report / f"{stem}.md"
+    settings = "each run's settings are in its folder's config.yaml"
+    table.write_text(markdown_table(runs) + f"\nReport command: `{command}`; {settings}.\n")
     if readme is not None:
         replace_readme_block(readme, stem, markdown_table(runs, per_task=False))
-    logger.info("report: %s and %s", report / f"{stem}.md", plot)
+    logger.info("report: %s and %s", table, plot)
+    return table
 
 
 def _eval_report(args: argparse.Namespace) -> int:
-    _write_report(Path(args.results), Path(args.out), args.command_line, Path(args.readme) if args.readme else None)
-    print((Path(args.out) / f"{_first_dataset(Path(args.results))}.md").read_text())
+    readme = Path(args.readme) if args.readme else None
+    print(_write_report(Path(args.results), Path(args.out), args.command_line, readme).read_text())
     return 0
-
-
-def _first_dataset(results: Path) -> str:
-    from fastkvzip_press.evaluation.results import collect_runs
-
-    return collect_runs(results)[0].dataset
 
 
 def _export_dataset(args: argparse.Namespace) -> int:

@@ -84,6 +84,11 @@ def convert_default_model(target: Path) -> Path:
     return target
 
 
+def default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Folder of the converted default model (weights and tokenizer): ``cache_dir`` or the cache root's."""
+    return Path(cache_dir) if cache_dir is not None else cache_root() / "smollm2-135m-instruct"
+
+
 def load_default_model(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
@@ -96,7 +101,7 @@ def load_default_model(
         dtype: weight dtype; fp32 is fastest on CPU.
         attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
     """
-    target = Path(cache_dir) if cache_dir is not None else cache_root() / "smollm2-135m-instruct"
+    target = default_model_dir(cache_dir)
     if not (target / "config.json").exists():
         convert_default_model(target)
     tokenizer = AutoTokenizer.from_pretrained(target)

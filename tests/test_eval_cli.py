@@ -28,7 +28,7 @@ def test_eval_command_writes_runs_and_report_then_skips(saved_tiny, tmp_path, ca
     assert sorted(run.press_name for run in runs) == ["fastkvzip_press", "no_press", "streaming_llm"]
     assert all(run.data_dir == "600" and run.n_rows == 1 for run in runs)
     table = (tmp_path / "report" / "ruler-local.md").read_text()
-    assert "| **fastkvzip_press** |" in table and "Command: `fastkvzip-press" in table
+    assert "| **fastkvzip_press** |" in table and "Report command: `fastkvzip-press" in table
     assert (tmp_path / "report" / "ruler-local.png").stat().st_size > 10_000
     assert "fastkvzip_press__0.50" in capsys.readouterr().out
 
