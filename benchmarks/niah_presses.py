@@ -27,10 +27,9 @@ DEPTH_BINS = ((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0001))
 
 
 def build_press(name: str, ratio: float, model):
-    """A fresh press; ``None`` for the full cache."""
-    from kvpress import KnormPress, SnapKVPress, StreamingLLMPress
-
+    """A fresh press; ``None`` for the full cache. kvpress's presses come from the ``eval`` command's registry."""
     from fastkvzip_press import FastKVzipPress, GateBank, ModelLayout
+    from fastkvzip_press.evaluation.presses import PressResources, press_spec
 
     if name == "full":
         return None
@@ -38,7 +37,7 @@ def build_press(name: str, ratio: float, model):
         return FastKVzipPress(ratio)  # gates=None: the gates shipped for the default model
     if name == "fastkvzip_random":
         return FastKVzipPress(ratio, gates=GateBank.random(ModelLayout.from_model(model), seed=0))
-    return {"streaming_llm": StreamingLLMPress, "knorm": KnormPress, "snapkv": SnapKVPress}[name](ratio)
+    return press_spec(name).build(ratio, PressResources(model))
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
