@@ -22,4 +22,4 @@ __all__ = [
     "load_gates",
     "save_gates",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
