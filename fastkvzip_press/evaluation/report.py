@@ -15,6 +15,12 @@ def _is_ours(press_name: str) -> bool:
     return bool(spec and spec.ours)
 
 
+def _knob(press_name: str) -> str:
+    """ "ratio", "threshold" or "none"; presses not in our registry (kvpress's own folders) are ratio presses."""
+    spec = PRESS_SPECS.get(press_name)
+    return spec.knob if spec is not None else "ratio"
+
+
 def _x(run: RunSummary) -> float:
     """Where a run sits on the ratio axis: the ratio its press recorded (achieved, for threshold presses)."""
     return run.compression_ratio if not math.isnan(run.compression_ratio) else run.value
@@ -36,8 +42,7 @@ def markdown_table(runs: list[RunSummary], per_task: bool = True) -> str:
     for run in runs:
         groups[(run.dataset, run.data_dir, run.model)].append(run)
     for (dataset, data_dir, model), group in groups.items():
-        ratios = sorted({round(r.value, 4) for r in group if PRESS_SPECS.get(r.press_name, None) is None
-                         or PRESS_SPECS[r.press_name].knob == "ratio"})  # fmt: skip
+        ratios = sorted({round(r.value, 4) for r in group if _knob(r.press_name) == "ratio"})
         rows: dict[str, dict[float, RunSummary]] = defaultdict(dict)
         for run in group:
             rows[run.press_name][round(run.value, 4)] = run
@@ -54,8 +59,7 @@ def markdown_table(runs: list[RunSummary], per_task: bool = True) -> str:
         for name in order:
             by_value = rows[name]
             label = f"**{name}**" if _is_ours(name) else name
-            spec = PRESS_SPECS.get(name)
-            if spec is not None and spec.knob == "threshold":
+            if _knob(name) == "threshold":
                 cells = ", ".join(
                     f"t={run.value:g}: {run.score:.1f} at ratio {run.compression_ratio:.2f}"
                     for run in sorted(by_value.values(), key=lambda r: r.value)

@@ -21,6 +21,9 @@ import yaml
 
 from fastkvzip_press.files import atomic_write
 
+# kvpress's dataset columns, the ones evaluate.py and its ruler scorer read.
+DATASET_COLUMNS = ("context", "question", "answer_prefix", "answer", "task", "max_new_tokens")
+
 
 @dataclass
 class RunConfig:
@@ -83,8 +86,7 @@ def is_finished(folder: Path) -> bool:
 
 def dataset_fingerprint(rows: list[dict]) -> str:
     """A short hash of the rows' kvpress columns (same generated dataset, same fingerprint)."""
-    columns = ("context", "question", "answer_prefix", "answer", "task", "max_new_tokens")
-    payload = json.dumps([[row[c] for c in columns] for row in rows], default=str)
+    payload = json.dumps([[row[c] for c in DATASET_COLUMNS] for row in rows], default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -14,6 +14,7 @@ from fastkvzip_press.evaluation.haystack import stdlib_paragraphs, text_paragrap
 from fastkvzip_press.evaluation.niah import NeedleConfig, make_niah_samples
 from fastkvzip_press.evaluation.presses import PressResources, PressSpec, press_spec
 from fastkvzip_press.evaluation.results import (
+    DATASET_COLUMNS,
     RunConfig,
     check_same_dataset,
     dataset_fingerprint,
@@ -58,9 +59,8 @@ def write_parquet_dataset(rows: list[dict], root: str | Path, data_dir: str) -> 
     data_dir=data_dir, split="test")`` reads, i.e. what kvpress's ``evaluate.py`` loads for a dataset name."""
     import pandas as pd
 
-    columns = ["context", "question", "answer_prefix", "answer", "task", "max_new_tokens"]
     path = Path(root) / data_dir / "test-00000-of-00001.parquet"
-    table = pd.DataFrame([{column: row[column] for column in columns} for row in rows])
+    table = pd.DataFrame([{column: row[column] for column in DATASET_COLUMNS} for row in rows])
     atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
     return path
 
@@ -126,12 +126,13 @@ def execute_runs(
         start = time.perf_counter()
         press = run.spec.build(run.value, resources)
         run.config.press_init_command = str(press)
-        records = answer_rows(pipe, rows, press, progress=progress, desc=f"{run.config.press_name} {run.value:.2f}")
+        answered = answer_rows(pipe, rows, press, progress=progress, desc=f"{run.config.press_name} {run.value:.2f}")
+        metrics = ruler_metrics(answered)
+        # kvpress's predictions.csv names the answer predicted_answer; the per-row score lives in metrics.json
         records = [
             {k: v for k, v in r.items() if k not in ("prediction", "score")} | {"predicted_answer": r["prediction"]}
-            for r in records
+            for r in answered
         ]
-        metrics = ruler_metrics([r | {"prediction": r["predicted_answer"]} for r in records])
         write_run(run.folder, records, metrics, run.config)
         mean = sum(m["string_match"] for m in metrics.values()) / len(metrics)
         logger.info("%s: mean score %.1f in %.0fs", run.folder.name, mean, time.perf_counter() - start)
