@@ -29,7 +29,7 @@ DEPTH_BINS = ((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0001))
 def build_press(name: str, ratio: float, model):
     """A fresh press; ``None`` for the full cache. kvpress's presses come from the ``eval`` command's registry."""
     from fastkvzip_press import FastKVzipPress, GateBank, ModelLayout
-    from fastkvzip_press.evaluation.presses import PressResources, press_spec
+    from fastkvzip_press.evaluation.registry import PressResources, press_spec
 
     if name == "full":
         return None
@@ -106,7 +106,7 @@ def main() -> None:
     from transformers import pipeline
 
     from fastkvzip_press.evaluation import NeedleConfig, make_niah_samples, stdlib_paragraphs
-    from fastkvzip_press.evaluation.runner import answer_rows
+    from fastkvzip_press.evaluation.answers import answer_rows
     from fastkvzip_press.models import load_default_model
 
     torch.manual_seed(0)

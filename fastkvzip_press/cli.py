@@ -25,9 +25,10 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache, pipeline
 
-    from fastkvzip_press import FastKVzipPress, GateBank, ModelLayout, kv_cache_bytes, load_gates
+    from fastkvzip_press.cache import full_cache_bytes, kv_cache_bytes
+    from fastkvzip_press.gates import GateBank, ModelLayout, load_gates
     from fastkvzip_press.models import load_default_model
-    from fastkvzip_press.stats import full_cache_bytes
+    from fastkvzip_press.presses import FastKVzipPress
 
     context_path = Path(args.context_file)
     if not context_path.is_file():
@@ -99,13 +100,12 @@ def _generate(args: argparse.Namespace) -> int:
     print("\nKV cache of the context")
     print(f"  full cache:       {_format_bytes(full_bytes)} (100.0%)")
     if stats is not None:
-        kept_fraction = stats.kept_entries / stats.total_entries
+        kept_fraction = stats.kept_fraction
         print(
             f"  retained pairs:   {_format_bytes(full_bytes * kept_fraction)} ({100 * kept_fraction:.1f}%), "
             f"compression ratio {stats.compression_ratio:.3f} over gated layers"
         )
-        kept = torch.stack([k.float() for k in stats.kept_per_head.values()])  # [L, B, H]
-        share = kept / stats.context_length
+        share = stats.head_retention()
         print(
             f"  per-head retained fraction: min {share.min():.2f}, median {share.median():.2f}, max {share.max():.2f}"
         )
@@ -119,21 +119,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(name: str, model_cache: str | None):
-    from fastkvzip_press.models import load_default_model
-
-    if name == "default":
-        logger.info("loading the default model (SmolLM2-135M-Instruct)")
-        return load_default_model(cache_dir=model_cache)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype="auto")
-    return model.eval(), AutoTokenizer.from_pretrained(name)
-
-
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from fastkvzip_press.models import load_model
     from fastkvzip_press.training import FitConfig, TrainConfig, train
 
     torch.manual_seed(args.seed)
@@ -152,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    model, tokenizer = _load_model(args.model, args.model_cache)
+    model, tokenizer = load_model(args.model, args.model_cache)
     _, report = train(model, tokenizer, out, config, resume=args.resume, progress=not args.quiet)
     print(f"Model: {report['model_id']}")
     print(
@@ -177,9 +166,10 @@ def _train(args: argparse.Namespace) -> int:
 def _export_gates(args: argparse.Namespace) -> int:
     import torch
 
-    from fastkvzip_press.gate_io import load_gates, write_native
+    from fastkvzip_press.gates import load_gates, write_native
+    from fastkvzip_press.models import load_model
 
-    model = _load_model(args.model, args.model_cache)[0] if args.model else None
+    model = load_model(args.model, args.model_cache)[0] if args.model else None
     bank = load_gates(args.gates, model)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[args.dtype]
     weights, meta = write_native(bank, args.out, storage_dtype=dtype)
@@ -191,19 +181,19 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import pipeline
 
-    from fastkvzip_press.evaluation.presses import PressResources, press_spec
+    from fastkvzip_press.evaluation.comparison import check_plan, execute_runs, make_dataset, plan_runs
+    from fastkvzip_press.evaluation.registry import PressResources
+    from fastkvzip_press.evaluation.report import write_report
     from fastkvzip_press.evaluation.results import RunConfig, collect_runs, is_finished
-    from fastkvzip_press.evaluation.run import execute_runs, make_dataset, plan_runs
-    from fastkvzip_press.models import default_model_dir
+    from fastkvzip_press.models import load_model, tokenizer_folder
 
-    for name in args.presses:
-        press_spec(name)  # unknown names fail before the model loads
-    torch.manual_seed(args.seed)
-    model, tokenizer = _load_model(args.model, args.model_cache)
-    model_id = model.config.name_or_path
-    tokenizer_path = str(default_model_dir(args.model_cache)) if args.model == "default" else args.model
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
     out = Path(args.out)
+    check_plan(args.presses, args.ratios, args.thresholds)  # bad names and values fail before the model loads
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, args.model_cache)
+    model_id = model.config.name_or_path
+    tokenizer_path = tokenizer_folder(args.model, args.model_cache)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
     for context_length in args.data_dir:
         rows = make_dataset(
             args.dataset, tokenizer, context_length, args.samples, args.seed, tuple(args.tasks), args.haystack
@@ -232,43 +222,26 @@ def _eval(args: argparse.Namespace) -> int:
         resources = PressResources(model, None if args.gates == "default" else args.gates, tokenizer_path)
         execute_runs(pipe, rows, runs, resources, progress=not args.quiet)
     if args.report:
-        _write_report(out, Path(args.report), args.command_line)
+        write_report(out, Path(args.report), args.command_line)
     summaries = [r for r in collect_runs(out) if r.dataset == args.dataset and r.model == model_id]
     for run in summaries:
         print(f"{run.folder.name}: {run.score:.1f} (ratio {run.compression_ratio:.2f}, {run.n_rows} rows)")
     return 0
 
 
-def _write_report(results: Path, report: Path, command: str, readme: Path | None = None) -> Path:
-    """Write ``<dataset>.png`` and ``<dataset>.md`` into ``report`` (and the README block); returns the .md path."""
-    from fastkvzip_press.evaluation.report import markdown_table, plot_scores, replace_readme_block
-    from fastkvzip_press.evaluation.results import collect_runs
-
-    runs = collect_runs(results)
-    if not runs:
-        raise ValueError(f"{results} holds no finished runs (folders with predictions.csv and metrics.json)")
-    report.mkdir(parents=True, exist_ok=True)
-    stem = runs[0].dataset
-    plot = plot_scores(runs, report / f"{stem}.png")
-    table = report / f"{stem}.md"
-    settings = "each run's settings are in its folder's config.yaml"
-    table.write_text(markdown_table(runs) + f"\nReport command: `{command}`; {settings}.\n")
-    if readme is not None:
-        replace_readme_block(readme, stem, markdown_table(runs, per_task=False))
-    logger.info("report: %s and %s", table, plot)
-    return table
-
-
 def _eval_report(args: argparse.Namespace) -> int:
+    from fastkvzip_press.evaluation.report import write_report
+
     readme = Path(args.readme) if args.readme else None
-    print(_write_report(Path(args.results), Path(args.out), args.command_line, readme).read_text())
+    print(write_report(Path(args.results), Path(args.out), args.command_line, readme).read_text())
     return 0
 
 
 def _export_dataset(args: argparse.Namespace) -> int:
-    from fastkvzip_press.evaluation.run import make_dataset, write_parquet_dataset
+    from fastkvzip_press.evaluation.comparison import make_dataset, write_parquet_dataset
+    from fastkvzip_press.models import load_model
 
-    _, tokenizer = _load_model(args.model, args.model_cache)
+    _, tokenizer = load_model(args.model, args.model_cache)
     for context_length in args.data_dir:
         rows = make_dataset(
             args.dataset, tokenizer, context_length, args.samples, args.seed, tuple(args.tasks), args.haystack
@@ -279,9 +252,9 @@ def _export_dataset(args: argparse.Namespace) -> int:
 
 
 def _kvpress_eval(args: argparse.Namespace) -> int:
-    from fastkvzip_press.evaluation.leaderboard import fetch_kvpress_evaluation, run_kvpress_evaluate
+    from fastkvzip_press.evaluation.kvpress_harness import fetch_kvpress_harness, run_kvpress_harness
 
-    evaluation = Path(args.kvpress_evaluation) if args.kvpress_evaluation else fetch_kvpress_evaluation()
+    evaluation = Path(args.kvpress_evaluation) if args.kvpress_evaluation else fetch_kvpress_harness()
     local = {}
     for item in args.local_dataset:
         name, sep, folder = item.partition("=")
@@ -289,8 +262,8 @@ def _kvpress_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--local-dataset takes NAME=FOLDER with an existing folder, got {item!r}")
         local[name] = Path(folder)
     arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
-    run_kvpress_evaluate(evaluation, arguments, gates=None if args.gates == "default" else args.gates,
-                         local_datasets=local)  # fmt: skip
+    gates = None if args.gates == "default" else args.gates
+    run_kvpress_harness(evaluation, arguments, gates=gates, local_datasets=local)
     return 0
 
 
@@ -340,18 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model-cache", default=None, help="folder of the converted default model")
     ex.set_defaults(run=_export_gates)
 
+    from fastkvzip_press.evaluation.comparison import DATASETS
+    from fastkvzip_press.evaluation.registry import PRESS_SPECS, press_names_help
     from fastkvzip_press.evaluation.ruler import RULER_TASKS
-    from fastkvzip_press.evaluation.run import DATASETS
+
+    ours = ", ".join(name for name, spec in PRESS_SPECS.items() if spec.ours)
 
     ev = commands.add_parser(
-        "eval", help="compare presses on a locally generated benchmark; writes kvpress's results folders"
+        "eval",
+        help="compare presses on a locally generated benchmark; writes kvpress's results folders",
+        description="Presses:\n" + press_names_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ev.add_argument("--dataset", choices=DATASETS, default="ruler-local")
     ev.add_argument(
         "--data-dir", type=int, nargs="+", default=[4096], help="context length(s) in tokens (kvpress's data_dir)"
     )
     ev.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
-    ev.add_argument("--presses", nargs="+", default=["no_press", "fastkvzip_press"], help="press names (see docs)")
+    ev.add_argument(
+        "--presses",
+        nargs="+",
+        default=["no_press", "fastkvzip_press"],
+        metavar="NAME",
+        help="press names (listed above)",
+    )
     ev.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="compression ratios for ratio presses")
     ev.add_argument("--thresholds", type=float, nargs="*", default=[], help="gate thresholds for threshold presses")
     ev.add_argument("--samples", type=int, default=4, help="samples per task (ruler-local) or contexts (niah-local)")
@@ -387,9 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         "kvpress-eval",
         help="run kvpress's own evaluation/evaluate.py with our presses registered (leaderboard folders)",
         description="Everything after the options goes to kvpress's evaluate.py, e.g. -- --model Qwen/Qwen3-8B "
-        "--dataset ruler --data_dir 4096 --press_name fastkvzip_press --compression_ratio 0.5. Our entries: "
-        "fastkvzip_press, fastkvzip_press_threshold (with --threshold), fastkvzip_press_chunked, "
-        "adakv_fastkvzip_scorer, decoding_fastkvzip_press.",
+        f"--dataset ruler --data_dir 4096 --press_name fastkvzip_press --compression_ratio 0.5. Our entries: {ours} "
+        "(the threshold entry takes --threshold, the decoding one --target_size).",
     )
     kv.add_argument("--kvpress-evaluation", default=None, help="kvpress's evaluation/ folder (default: fetch it)")
     kv.add_argument("--gates", default="default", help="'default' (shipped or released hub gates) or a gate path")

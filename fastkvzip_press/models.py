@@ -111,6 +111,27 @@ def load_default_model(
     return model, tokenizer
 
 
+def load_model(name: str, cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """``"default"`` (the offline default model, see :func:`load_default_model`) or a local model folder (a hub id
+    where the hub is reachable), loaded with sdpa attention in its own dtype."""
+    if name == "default":
+        logger.info("loading the default model (SmolLM2-135M-Instruct)")
+        return load_default_model(cache_dir=cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"model {name!r} is neither 'default' nor a loadable model folder (or reachable hub id): {error}"
+        ) from error
+    return model.eval(), tokenizer
+
+
+def tokenizer_folder(name: str, cache_dir: str | Path | None = None) -> str:
+    """A local folder holding the tokenizer of model ``name`` (``"default"`` or a model folder)."""
+    return str(default_model_dir(cache_dir)) if name == "default" else name
+
+
 # --------------------------------------------------------------------------------------------------- tiny models
 
 _WORDS = (

@@ -1,13 +1,14 @@
-"""Score-vs-compression tables (Markdown) and plots (PNG) from results folders."""
+"""Score-vs-compression tables (Markdown) and plots (PNG) from results folders, ours or kvpress's."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
-from fastkvzip_press.evaluation.presses import PRESS_SPECS
-from fastkvzip_press.evaluation.results import RunSummary
+from fastkvzip_press.evaluation.registry import PRESS_SPECS
+from fastkvzip_press.evaluation.results import RunSummary, collect_runs
 
 
 def _is_ours(press_name: str) -> bool:
@@ -25,6 +26,8 @@ def _x(run: RunSummary) -> float:
     """Where a run sits on the ratio axis: the ratio its press recorded (achieved, for threshold presses)."""
     return run.compression_ratio if not math.isnan(run.compression_ratio) else run.value
 
+
+logger = logging.getLogger(__name__)
 
 README_START = "<!-- {name}:start -->"
 README_END = "<!-- {name}:end -->"
@@ -149,3 +152,21 @@ def plot_scores(runs: list[RunSummary], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_report(results: Path, out: Path, command: str, readme: Path | None = None) -> Path:
+    """Write ``<dataset>.md`` and ``<dataset>.png`` of the finished runs under ``results`` into ``out`` (and fill the
+    README block when ``readme`` is given); returns the ``.md`` path."""
+    runs = collect_runs(results)
+    if not runs:
+        raise ValueError(f"{results} holds no finished runs (folders with predictions.csv and metrics.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = runs[0].dataset
+    plot = plot_scores(runs, out / f"{stem}.png")
+    table = out / f"{stem}.md"
+    settings = "each run's settings are in its folder's config.yaml"
+    table.write_text(markdown_table(runs) + f"\nReport command: `{command}`; {settings}.\n")
+    if readme is not None:
+        replace_readme_block(readme, stem, markdown_table(runs, per_task=False))
+    logger.info("report: %s and %s", table, plot)
+    return table

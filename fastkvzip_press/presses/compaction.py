@@ -1,60 +1,131 @@
-"""Applying eviction decisions to a transformers cache: masked (kvpress-style) or ragged (memory freed)."""
+"""How evicted pairs leave attention: one strategy object per compaction, chosen by a press's ``compaction`` field.
+
+* :class:`RaggedCompaction` frees them: it hands decisions to :mod:`fastkvzip_press.cache.compaction`, which stores
+  gated layers head by head, and switches the model to the ragged-aware attention.
+* :class:`MaskedCompaction` is the kvpress-style reference: the cache keeps its full size and kvpress's attention patch
+  masks the evicted keys. It is the only writer of kvpress's ``module.masked_key_indices``.
+
+Prefill presses call :meth:`~Compaction.evict_tail`; the decoding press asks :meth:`~Compaction.rows_before` what
+each head holds and calls :meth:`~Compaction.evict_held`. Decisions are ``[B, H, N]`` bool masks of one layer.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Cache
+from transformers import Cache, PreTrainedModel
 
-from fastkvzip_press.cache import RaggedLayer
-
-COMPACTIONS = ("ragged", "masked")
-
-
-def apply_masked(attention: dict[int, nn.Module], evicted: dict[int, torch.Tensor]) -> None:
-    """Hand ``evicted [B, H, T]`` masks to kvpress's attention patch (the cache keeps its full size)."""
-    for layer_id, layer_evicted in evicted.items():
-        attention[layer_id].masked_key_indices = torch.nonzero(layer_evicted, as_tuple=True)
+from fastkvzip_press.cache import compaction as cache_compaction
+from fastkvzip_press.cache.attention import enable_ragged_attention
 
 
-def check_ragged_batch(batch_size: int) -> None:
-    if batch_size != 1:
-        raise ValueError(
-            f"ragged compaction holds one sequence per cache, got batch size {batch_size}; run sequences one at a "
-            "time (kvpress's pipeline does) or use FastKVzipPress(compaction='masked') for batches"
-        )
+class Compaction:
+    """Applies one layer's eviction decisions to a cache (and to the layer's attention module, for masking)."""
+
+    name = ""
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        """Set the model up before the first decision (called when a press is entered)."""
+
+    def evict_tail(
+        self,
+        cache: Cache,
+        module: nn.Module,
+        layer_id: int,
+        evicted: torch.Tensor,
+        n_tail: int,
+        scores: torch.Tensor,
+    ) -> None:
+        """Prefill: every head's last ``n_tail`` tokens are undecided; ``evicted [B, H, n]`` flags the first ``n`` of
+        them, whose gate scores (of the whole tail) are ``scores [B, H, n_tail]``."""
+        raise NotImplementedError
+
+    def rows_before(self, cache: Cache, layer_id: int, n_new: int) -> list[int]:
+        """Decoding: pairs each (sequence, head) held before this forward appended ``n_new`` tokens."""
+        raise NotImplementedError
+
+    def evict_held(self, cache: Cache, module: nn.Module, layer_id: int, evicted: torch.Tensor) -> None:
+        """Decoding: ``evicted [B, H, N]`` flags, for every head, its held pairs in order."""
+        raise NotImplementedError
+
+    def inherited_scores(self, cache: Cache, layer_id: int) -> list[torch.Tensor] | None:
+        """Gate scores a prefill press left with the layer's pairs (per head, in order), taken over by the caller."""
+        return None
+
+    def reset(self, modules: dict[int, nn.Module]) -> None:
+        """Forget per-generation state before a new cache."""
 
 
-def evict_pending(cache: Cache, layer_id: int, span_evicted: torch.Tensor, n_pending: int) -> RaggedLayer:
-    """Evict from the undecided tail of one layer and store it ragged.
+class RaggedCompaction(Compaction):
+    """Evicted pairs are freed: gated layers move to head-wise ragged storage."""
 
-    Every head's last ``n_pending`` tokens are undecided; ``span_evicted [H, n]`` (``n <= n_pending``) flags the
-    first ``n`` of them. Earlier tokens stay, as do the rest of the tail. A dense layer (no eviction yet, so all its
-    tokens are pending) is converted to a :class:`RaggedLayer`.
+    name = "ragged"
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        enable_ragged_attention(model)
+
+    def evict_tail(self, cache, module, layer_id, evicted, n_tail, scores) -> None:
+        cache_compaction.evict_from_tail(cache, layer_id, evicted, n_tail, scores)
+
+    def rows_before(self, cache, layer_id, n_new) -> list[int]:
+        return [n - n_new for n in cache_compaction.held_rows(cache, layer_id)]
+
+    def evict_held(self, cache, module, layer_id, evicted) -> None:
+        cache_compaction.evict_held(cache, layer_id, evicted)
+
+    def inherited_scores(self, cache, layer_id) -> list[torch.Tensor] | None:
+        return cache_compaction.take_scores(cache, layer_id)
+
+
+class MaskedCompaction(Compaction):
+    """Evicted keys are masked by kvpress's attention patch; the cache keeps every pair (the reference path).
+
+    For decoding it remembers, per gated layer, which logical positions are still attended (``[B, H, T]``).
     """
-    layer = cache.layers[layer_id]
-    heads, n_span = span_evicted.shape
-    tail_kept = torch.ones(heads, n_pending - n_span, dtype=torch.bool, device=span_evicted.device)
-    pending_keep = torch.cat([~span_evicted, tail_kept], dim=1)  # [H, n_pending]
-    if not isinstance(layer, RaggedLayer):
-        check_ragged_batch(layer.keys.shape[0])
-        if layer.keys.shape[2] != n_pending:
-            raise RuntimeError(f"layer {layer_id}: dense cache of {layer.keys.shape[2]} tokens, {n_pending} pending")
-        cache.layers[layer_id] = RaggedLayer.from_dense(layer.keys, layer.values, pending_keep.unsqueeze(0))
-        return cache.layers[layer_id]
-    decided = [length - n_pending for length in layer.head_lengths]
-    keep = torch.cat(
-        [
-            torch.cat([torch.ones(n, dtype=torch.bool, device=span_evicted.device), pending_keep[head]])
-            for head, n in enumerate(decided)
-        ]
-    )
-    layer.compact(keep)
-    return layer
+
+    name = "masked"
+
+    def __init__(self) -> None:
+        self._alive: dict[int, torch.Tensor] = {}
+
+    def evict_tail(self, cache, module, layer_id, evicted, n_tail, scores) -> None:
+        if evicted.shape[-1] != n_tail or cache.layers[layer_id].keys.shape[2] != n_tail:
+            raise ValueError("masked compaction decides a whole dense prefill at once; chunked prefill needs 'ragged'")
+        module.masked_key_indices = torch.nonzero(evicted, as_tuple=True)
+
+    def rows_before(self, cache, layer_id, n_new) -> list[int]:
+        bsz, heads, n_tokens = cache.layers[layer_id].keys.shape[:3]
+        n_before = n_tokens - n_new
+        alive = self._alive.get(layer_id)
+        if alive is None:
+            return [n_before] * (bsz * heads)
+        alive = self._alive[layer_id] = alive[..., :n_before]  # a rollback forgets the decisions after it
+        return (alive.sum(-1) + (n_before - alive.shape[-1])).reshape(-1).tolist()
+
+    def evict_held(self, cache, module, layer_id, evicted) -> None:
+        bsz, heads, n_tokens = cache.layers[layer_id].keys.shape[:3]
+        alive = self._alive.get(layer_id)
+        if alive is None:
+            alive = torch.ones(bsz, heads, 0, dtype=torch.bool, device=evicted.device)
+        alive = torch.cat([alive, alive.new_ones(bsz, heads, n_tokens - alive.shape[-1])], dim=-1)
+        for sequence in range(bsz):
+            for head in range(heads):
+                held = torch.nonzero(alive[sequence, head]).squeeze(1)
+                alive[sequence, head, held[evicted[sequence, head, : held.shape[0]]]] = False
+        self._alive[layer_id] = alive
+        module.masked_key_indices = torch.nonzero(~alive, as_tuple=True)
+
+    def reset(self, modules: dict[int, nn.Module]) -> None:
+        self._alive.clear()
+        for module in modules.values():
+            module.masked_key_indices = None
 
 
-def apply_ragged(cache: Cache, evicted: dict[int, torch.Tensor]) -> None:
-    """Replace each dense layer by a ragged one without its ``evicted [1, H, T]`` pairs."""
-    for layer_id, layer_evicted in evicted.items():
-        check_ragged_batch(layer_evicted.shape[0])
-        evict_pending(cache, layer_id, layer_evicted[0], layer_evicted.shape[-1])
+COMPACTIONS: dict[str, type[Compaction]] = {"ragged": RaggedCompaction, "masked": MaskedCompaction}
+
+
+def make_compaction(name: str) -> Compaction:
+    """A fresh strategy for ``compaction=name``, or a ValueError naming the choices."""
+    if name not in COMPACTIONS:
+        raise ValueError(f"compaction must be one of {tuple(COMPACTIONS)}, got {name!r}")
+    return COMPACTIONS[name]()

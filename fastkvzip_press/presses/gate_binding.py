@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from fastkvzip_press.gate import GateBank
-from fastkvzip_press.gate_io import load_gates
-
-GateSource = str | Path | GateBank | None
+from fastkvzip_press.gates import GateBank, GateSource, load_gates
 
 
 @dataclass

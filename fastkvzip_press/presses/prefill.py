@@ -1,4 +1,4 @@
-"""Fast KVzip prefill eviction: gate scores, sink/window protection, one budget over all layers x heads."""
+"""Fast KVzip prefill eviction: gate scores, one decision over all layers x heads, then compaction."""
 
 from __future__ import annotations
 
@@ -6,22 +6,19 @@ import logging
 from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
-from fastkvzip_press.attention import enable_ragged_attention
-from fastkvzip_press.cache import RaggedLayer
-from fastkvzip_press.layout import ModelLayout, attention_implementation, decoder_layers
-from fastkvzip_press.presses.chunking import ChunkPlan, chunked_forward
-from fastkvzip_press.presses.compaction import COMPACTIONS, apply_masked, apply_ragged, evict_pending
-from fastkvzip_press.presses.gate_binding import GateBinding, GateSource
-from fastkvzip_press.selection import evict_by_ratio, evict_by_threshold, evict_smallest, protect
-from fastkvzip_press.stats import EvictionStats
+from fastkvzip_press.cache import attention_implementation
+from fastkvzip_press.eviction import ChunkPlan, EvictionStats, Protection, RatioBudget, ThresholdBudget, decide
+from fastkvzip_press.gates import GateBank, GateSource, ModelLayout, decoder_layers
+from fastkvzip_press.presses.chunked_prefill import ChunkedPrefill
+from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
+from fastkvzip_press.presses.gate_binding import GateBinding
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +29,13 @@ class FastKVzipPress(BasePress):
     Gated KV Eviction", arXiv 2601.17668).
 
     During prefill each gated layer's gate scores every context token from the layer's post-layernorm hidden
-    states. The first ``n_sink`` tokens and a recent window are protected. Once the last gated layer has run,
-    one selection over all layers x KV heads x tokens decides what to evict, so each (layer, head) keeps its own
-    number of pairs. Eviction happens inside the prefill forward, so ``model.generate`` under ``with press(model)``
-    sees it from its first decoding step. By default evicted pairs are really removed: gated layers move to a
-    head-wise ragged cache (:class:`~fastkvzip_press.cache.RaggedLayer`) and the model's attention is switched to
-    a wrapper that attends head by head over it (and calls the original implementation everywhere else).
+    states. Once the last gated layer has run, :func:`~fastkvzip_press.eviction.decide` makes one selection over all
+    layers x KV heads x tokens, with the first ``n_sink`` tokens and a recent window protected, so each (layer, head)
+    keeps its own number of pairs; the compaction strategy applies it. Eviction happens inside the prefill forward, so
+    ``model.generate`` under ``with press(model)`` sees it from its first decoding step. By default evicted pairs are
+    really removed: gated layers move to a head-wise ragged cache (:class:`~fastkvzip_press.cache.RaggedLayer`) and
+    the model's attention is switched to a wrapper that attends head by head over it (and calls the original
+    implementation everywhere else).
 
     Parameters
     ----------
@@ -77,6 +75,7 @@ class FastKVzipPress(BasePress):
 
     last_stats: EvictionStats | None = field(default=None, init=False, repr=False)
     _binding: GateBinding = field(default_factory=GateBinding, init=False, repr=False)
+    _strategy: Compaction | None = field(default=None, init=False, repr=False)
     _attention: dict[int, nn.Module] = field(default_factory=dict, init=False, repr=False)
     _scores: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _num_layers: int = field(default=0, init=False, repr=False)
@@ -101,12 +100,17 @@ class FastKVzipPress(BasePress):
         if isinstance(self.window_size, int) and self.window_size < 0:
             raise ValueError(f"window_size must be >= 0 tokens, got {self.window_size}")
         if self.compaction not in COMPACTIONS:
-            raise ValueError(f"compaction must be one of {COMPACTIONS}, got {self.compaction!r}")
+            raise ValueError(f"compaction must be one of {tuple(COMPACTIONS)}, got {self.compaction!r}")
         if self.chunk_size is not None:
             if self.chunk_size < 1:
                 raise ValueError(f"chunk_size is a token count >= 1 (or None for one pass), got {self.chunk_size}")
             if self.compaction != "ragged":
                 raise ValueError("chunk_size bounds peak memory by evicting for real; it needs compaction='ragged'")
+
+    @property
+    def gate_bank(self) -> GateBank | None:
+        """The gates bound to the model the press was last entered with (``None`` before that)."""
+        return self._binding.bank
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
@@ -118,10 +122,10 @@ class FastKVzipPress(BasePress):
                 "masking patch and the ragged attention wrap sdpa / flash attention). Load the model with "
                 "attn_implementation='sdpa' (or 'flash_attention_2')."
             )
-        self._binding.bind(self.gates, model)
-        if self._evicting() and self.compaction == "ragged":
-            enable_ragged_attention(model)
-        bank = self._binding.require(type(self).__name__)
+        bank = self._binding.bind(self.gates, model)
+        self._strategy = make_compaction(self.compaction)
+        if self._evicting():
+            self._strategy.prepare(model)
         layers = decoder_layers(model)
         self._num_layers = ModelLayout.from_model(model).num_layers
         self._attention = {layer_id: layers[layer_id].self_attn for layer_id in bank.layer_ids}
@@ -136,27 +140,32 @@ class FastKVzipPress(BasePress):
         hooks = [
             module.register_forward_hook(self.forward_hook, with_kwargs=True) for module in self._attention.values()
         ]
-        base = model.model if isinstance(getattr(model, "model", None), nn.Module) else model.get_decoder()
+        chunker = None
         if self.chunk_size is not None and self._evicting():
-            # Instance attribute shadows the class's forward; kvpress's pipeline calls model.model(...) directly.
-            base.forward = partial(
-                chunked_forward, base.forward, model, self.chunk_size, self._start_plan, self._end_plan
-            )
+            chunker = ChunkedPrefill(model, self.chunk_size, self._start_plan, self._end_plan)
+            chunker.attach()
         try:
             yield
         finally:
             for hook in hooks:
                 hook.remove()
-            base.__dict__.pop("forward", None)
+            if chunker is not None:
+                chunker.detach()
             self._scores.clear()
             self._plan = None
             self._own_hooks = False
 
     def window_for(self, context_length: int) -> int:
         """Protected recent tokens for a context of ``context_length`` tokens."""
-        if isinstance(self.window_size, float):
-            return max(1, int(self.window_size * context_length))
-        return self.window_size
+        return self._protection().window_pairs(context_length)
+
+    def _protection(self) -> Protection:
+        return Protection(self.n_sink, self.window_size)
+
+    def _budget(self) -> RatioBudget | ThresholdBudget:
+        if self.threshold is not None:
+            return ThresholdBudget(self.threshold)
+        return RatioBudget(self.compression_ratio, self.layerwise)
 
     # ---------------------------------------------------------------------------------------------------- hooks
 
@@ -186,65 +195,55 @@ class FastKVzipPress(BasePress):
                 self._evict(kwargs["past_key_values"])
         return output
 
+    # ---------------------------------------------------------------------------------------------- one pass
+
+    def _evict(self, cache: Cache) -> None:
+        """Decide the whole context at once, over every gated layer, and apply the decision."""
+        layer_ids = list(self._attention)
+        scores = torch.stack([self._scores.pop(layer_id) for layer_id in layer_ids])  # [L, B, H, T]
+        n_tokens = scores.shape[-1]
+        protection = self._protection()
+        protection.require_room(n_tokens)
+        decision = decide(scores, self._budget(), protection)
+        if not decision.met:
+            logger.warning(
+                "compression_ratio %.3f cannot be met: sink and window protect too much of a %d-token context",
+                self.compression_ratio,
+                n_tokens,
+            )
+        for layer_id, layer_evicted, layer_scores in zip(layer_ids, decision.evicted, scores):
+            self._strategy.evict_tail(cache, self._attention[layer_id], layer_id, layer_evicted, n_tokens, layer_scores)
+        self._record_stats(n_tokens, dict(zip(layer_ids, decision.kept)))
+        logger.debug("evicted %d of %d gated KV pairs", int(decision.evicted.sum()), decision.evicted.numel())
+
     # ----------------------------------------------------------------------------------------- chunked prefill
 
-    def _checked_window(self, context_length: int) -> int:
-        """The protected window, after checking that something outside sink and window can be evicted."""
-        window = self.window_for(context_length)
-        if context_length <= self.n_sink + window:
-            raise ValueError(
-                f"the context has {context_length} tokens, not more than the protected n_sink={self.n_sink} + "
-                f"window={window}; nothing could be evicted. Use a longer context or smaller n_sink/window_size."
-            )
-        return window
-
     def _start_plan(self, context_length: int) -> ChunkPlan:
-        window = self._checked_window(context_length)
-        if self.threshold is not None:
-            self._plan = ChunkPlan(context_length, window, keep_fraction=1.0)
-        else:
-            self._plan = ChunkPlan.for_ratio(context_length, self.compression_ratio, self.n_sink, window)
+        self._plan = ChunkPlan.start(context_length, self._budget(), self._protection())
         return self._plan
 
     def _end_plan(self) -> None:
         self._plan = None
 
-    def _evict_chunk(self, cache) -> None:
-        """Judge every gated layer's undecided tokens but the deferred window, with one selection across layers."""
+    def _evict_chunk(self, cache: Cache) -> None:
+        """Decide every gated layer's undecided tokens but the deferred window, with one selection across layers."""
         plan = self._plan
         layer_ids = list(self._attention)
         for layer_id in layer_ids:
-            scores = self._scores.pop(layer_id)[0]  # [H, t]; batch size 1 is checked on compaction
-            previous = plan.pending.get(layer_id)
-            plan.pending[layer_id] = scores if previous is None else torch.cat([previous, scores], dim=1)
+            plan.add_scores(layer_id, self._scores.pop(layer_id))
         n_span = plan.span_to_decide()
-        if n_span > 0:
-            spans = torch.stack([plan.pending[layer_id][:, :n_span] for layer_id in layer_ids])  # [L, H, n]
-            positions = torch.arange(plan.decided, plan.decided + n_span, device=spans.device)
-            spans = spans.masked_fill(positions < self.n_sink, float("inf"))
-            if self.threshold is not None:
-                evicted = evict_by_threshold(spans, self.threshold)
-            else:  # one selection over all layers, or one per layer
-                groups = spans.unbind(0) if self.layerwise else [spans]
-                evicted = torch.cat(
-                    [
-                        evict_smallest(g, plan.n_to_evict(int(torch.isfinite(g).sum()))).reshape(-1, *g.shape[-2:])
-                        for g in groups
-                    ]
-                )
-            for layer_id, layer_evicted in zip(layer_ids, evicted):
-                evict_pending(cache, layer_id, layer_evicted, plan.pending[layer_id].shape[1])
-                kept = plan.kept_scores.setdefault(layer_id, [[] for _ in range(layer_evicted.shape[0])])
-                for head, (span, gone) in enumerate(zip(plan.pending[layer_id][:, :n_span], layer_evicted)):
-                    kept[head].append(span[~gone])
-                plan.pending[layer_id] = plan.pending[layer_id][:, n_span:]
-            plan.decided += n_span
-        if plan.chunk_end == plan.context_length:
-            layers: dict[int, RaggedLayer] = {i: cache.layers[i] for i in layer_ids}
-            for layer_id, layer in layers.items():  # the final window stays pending and is kept
-                kept = plan.kept_scores.get(layer_id, [[] for _ in layer.head_lengths])
-                layer.row_scores = [torch.cat([*parts, tail]) for parts, tail in zip(kept, plan.pending[layer_id])]
-            kept = {layer_id: torch.tensor([layer.head_lengths]) for layer_id, layer in layers.items()}
+        if n_span > 0 or plan.finished:  # the last chunk always stores the layers ragged, with their scores
+            decision = plan.decide_span(layer_ids)
+            for layer_id, layer_evicted in zip(layer_ids, decision.evicted):
+                pending = plan.pending[layer_id]
+                module = self._attention[layer_id]
+                self._strategy.evict_tail(cache, module, layer_id, layer_evicted, pending.shape[-1], pending)
+            plan.advance(n_span)
+        if plan.finished:
+            kept = {}
+            for layer_id in layer_ids:
+                layer = cache.layers[layer_id]
+                kept[layer_id] = torch.tensor(layer.head_lengths).view(layer.batch_size, layer.num_heads)
             self._record_stats(plan.context_length, kept)
 
     def _record_stats(self, context_length: int, kept_per_head: dict[int, torch.Tensor]) -> None:
@@ -253,36 +252,8 @@ class FastKVzipPress(BasePress):
         self.last_stats = EvictionStats(
             context_length=context_length,
             kept_per_head=kept_per_head,
-            entries_per_layer=bsz * heads * context_length,
+            pairs_per_layer=bsz * heads * context_length,
             num_layers=self._num_layers,
         )
         if self.threshold is not None:
             self.compression_ratio = self.last_stats.compression_ratio
-
-    def _evict(self, cache) -> None:
-        layer_ids = list(self._attention)
-        scores = torch.stack([self._scores.pop(layer_id) for layer_id in layer_ids])  # [L, B, H, T]
-        n_layers, bsz, heads, n_tokens = scores.shape
-        window = self._checked_window(n_tokens)
-        protected = protect(scores, self.n_sink, window)
-        if self.threshold is not None:
-            evicted = evict_by_threshold(protected, self.threshold)
-        else:
-            evicted = evict_by_ratio(protected, self.compression_ratio, self.layerwise)
-            # The budget evict_by_ratio aimed for; it evicts less only when protection leaves no room.
-            budget_unit, units = (heads * n_tokens, n_layers) if self.layerwise else (n_layers * heads * n_tokens, 1)
-            if int(evicted.sum()) < int(budget_unit * self.compression_ratio) * units * bsz:
-                logger.warning(
-                    "compression_ratio %.3f cannot be met: sink and window protect too much of a %d-token context",
-                    self.compression_ratio,
-                    n_tokens,
-                )
-        decisions = dict(zip(layer_ids, evicted))
-        if self.compaction == "ragged":
-            apply_ragged(cache, decisions)
-            for layer_id, layer_scores, layer_evicted in zip(layer_ids, scores, evicted):
-                cache.layers[layer_id].row_scores = [s[~gone] for s, gone in zip(layer_scores[0], layer_evicted[0])]
-        else:
-            apply_masked(self._attention, decisions)
-        self._record_stats(n_tokens, {layer_id: (~mask).sum(-1) for layer_id, mask in decisions.items()})
-        logger.debug("evicted %d of %d gated KV pairs", int(evicted.sum()), evicted.numel())

@@ -11,7 +11,8 @@ from kvpress.utils import compute_n_kept
 from torch import nn
 from transformers import PreTrainedModel
 
-from fastkvzip_press.presses.gate_binding import GateBinding, GateSource
+from fastkvzip_press.gates import GateBank, GateSource
+from fastkvzip_press.presses.gate_binding import GateBinding
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +21,10 @@ logger = logging.getLogger(__name__)
 class FastKVzipScorerPress(ScorerPress):
     """Score each KV pair with its layer's Fast KVzip gate (Han, Kim & Yun, arXiv 2601.17668).
 
-    On its own this press keeps the same number of pairs in every head (kvpress's uniform top-k) and the cache
-    really shrinks. Wrapped, it gives head-wise (``AdaKVPress``), threshold (``DMSPress``), chunked
-    (``ChunkPress``), re-rotated, per-layer, composed and decoding-time eviction.
+    This press only scores; kvpress decides. On its own it is kvpress's ``ScorerPress``: the same number of pairs in
+    every head (uniform top-k, kvpress's rounding), kept in their original order, and the cache really shrinks.
+    Wrapped, it gives head-wise (``AdaKVPress``), threshold (``DMSPress``), chunked (``ChunkPress``), re-rotated,
+    per-layer, composed and decoding-time eviction.
 
     Parameters
     ----------
@@ -55,6 +57,11 @@ class FastKVzipScorerPress(ScorerPress):
             raise ValueError(
                 f"compression_ratio is the fraction removed and must be in [0, 1), got {self.compression_ratio}"
             )
+
+    @property
+    def gate_bank(self) -> GateBank | None:
+        """The gates bound to the model the press was last entered with (``None`` before that)."""
+        return self._binding.bank
 
     def post_init_from_model(self, model: PreTrainedModel):
         self._binding.bind(self.gates, model)

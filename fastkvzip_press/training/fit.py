@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fastkvzip_press.files import atomic_write
-from fastkvzip_press.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank
-from fastkvzip_press.layout import ModelLayout
+from fastkvzip_press.gates.atomic import atomic_write
+from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank
+from fastkvzip_press.gates.layout import ModelLayout
 from fastkvzip_press.training.features import FeatureSplit
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,18 @@ def _evaluate(bank: GateBank, split: FeatureSplit, config: FitConfig, max_tokens
         return layer_losses(bank, split.hidden[:, idx], split.scores[:, :, idx], config.metric_threshold)
 
 
+def initial_gates(layout: ModelLayout, config: FitConfig) -> GateBank:
+    """The gates a fit starts from: random projections (seeded by ``config.seed``), zero bias and small sink keys, so
+    that initial scores sit near 1 / (1 + S) for every token."""
+    bank = GateBank.random(layout, rank=config.rank, n_sink=config.n_sink, seed=config.seed)
+    with torch.no_grad():
+        for layer_id in bank.layer_ids:
+            gate = bank.gate(layer_id)
+            gate.b.zero_()
+            gate.k_base.mul_(0.1)
+    return bank
+
+
 def fit_gates(
     layout: ModelLayout,
     train: FeatureSplit,
@@ -132,8 +144,7 @@ def fit_gates(
     start_time = time.perf_counter()
     directory = Path(directory)
     torch.manual_seed(config.seed)
-    bank = GateBank.random(layout, rank=config.rank, n_sink=config.n_sink, seed=config.seed)
-    _init_for_training(bank)
+    bank = initial_gates(layout, config)
     optimizer = torch.optim.SGD(bank.parameters(), lr=config.lr, momentum=config.momentum)
     history, first_step = FitHistory(), 0
     checkpoint = directory / CHECKPOINT_NAME
@@ -185,12 +196,3 @@ def fit_gates(
         seconds=time.perf_counter() - start_time,
     )
     return bank, report
-
-
-def _init_for_training(bank: GateBank) -> None:
-    """Start from zero bias and small sink keys, so that initial scores sit near 1 / (1 + S) for every token."""
-    with torch.no_grad():
-        for layer_id in bank.layer_ids:
-            gate = bank.gate(layer_id)
-            gate.b.zero_()
-            gate.k_base.mul_(0.1)

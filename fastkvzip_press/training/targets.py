@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.llama.modeling_llama import rotate_half
 
-from fastkvzip_press.layout import ModelLayout, decoder_layers
+from fastkvzip_press.gates.layout import ModelLayout, decoder_layers
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,42 @@
+"""The cache: head-wise ragged storage, attention over it, and applying eviction decisions to a transformers cache.
+
+Core package: imports neither kvpress nor the presses. :mod:`fastkvzip_press.cache.compaction` is the only code that
+replaces a cache's layers.
+"""
+
+from fastkvzip_press.cache.accounting import full_cache_bytes, kv_cache_bytes
+from fastkvzip_press.cache.attention import (
+    attention_implementation,
+    enable_ragged_attention,
+    ragged_attention,
+    register_ragged_attention,
+)
+from fastkvzip_press.cache.compaction import (
+    SCORES,
+    check_one_sequence,
+    evict_from_tail,
+    evict_held,
+    held_rows,
+    ragged_layer_ids,
+    take_scores,
+)
+from fastkvzip_press.cache.ragged_layer import POSITIONS, RaggedLayer, RaggedView
+
+__all__ = [
+    "POSITIONS",
+    "SCORES",
+    "RaggedLayer",
+    "RaggedView",
+    "attention_implementation",
+    "check_one_sequence",
+    "enable_ragged_attention",
+    "evict_from_tail",
+    "evict_held",
+    "full_cache_bytes",
+    "held_rows",
+    "kv_cache_bytes",
+    "ragged_attention",
+    "ragged_layer_ids",
+    "register_ragged_attention",
+    "take_scores",
+]

@@ -1,0 +1,174 @@
+"""Attention over ragged cache layers, registered with transformers' ``AttentionInterface``.
+
+For a model loaded with implementation ``X`` (``sdpa`` or ``flash_attention_2``/``_3``) we register
+``fastkvzip_ragged_X``: layers whose cache is a :class:`~fastkvzip_press.cache.RaggedLayer` attend head by head
+over their own retained keys; every other layer calls ``X`` unchanged (with ``X``'s mask function), so a model
+switched to it behaves exactly as before on ordinary caches.
+
+Each KV head is one variable-length sequence; the ``t`` new query tokens sit at the end of every head's segment, so
+the causal mask is aligned bottom-right (query ``i`` sees the first ``len_h - t + i + 1`` keys of head ``h``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from fastkvzip_press.cache.ragged_layer import RaggedLayer
+
+logger = logging.getLogger(__name__)
+
+RAGGED_PREFIX = "fastkvzip_ragged_"
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
+# "0" turns the CUDA varlen kernel off (per-head SDPA everywhere), e.g. to compare the two paths.
+VARLEN_ENV = "FASTKVZIP_PRESS_VARLEN"
+
+
+def attention_implementation(model: PreTrainedModel) -> str:
+    """The attention implementation the model was loaded with ("sdpa", "eager", "flash_attention_2", ...)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(text, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", "sdpa")
+
+
+def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """``[q_len, k_len]`` bool: query ``i`` sees key ``j`` iff ``j <= k_len - q_len + i``."""
+    rows = torch.arange(q_len, device=device).unsqueeze(1)
+    cols = torch.arange(k_len, device=device).unsqueeze(0)
+    return cols <= rows + (k_len - q_len)
+
+
+def _per_head_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None) -> torch.Tensor:
+    """SDPA over each head's contiguous slice: query ``[1, Hq, t, D]`` → ``[1, Hq, t, D]``."""
+    _, n_q_heads, q_len, _ = query.shape
+    group = n_q_heads // layer.num_heads
+    out = torch.empty_like(query)
+    masks: dict[int, torch.Tensor] = {}
+    for head, (start, length) in enumerate(layer.segment_bounds()):
+        keys = layer.key_buffer[start : start + length].unsqueeze(0).unsqueeze(0)  # [1, 1, n_h, D]
+        values = layer.value_buffer[start : start + length].unsqueeze(0).unsqueeze(0)
+        mask = None
+        if q_len > 1:
+            if length not in masks:
+                masks[length] = bottom_right_causal_mask(q_len, length, query.device)
+            mask = masks[length]
+        queries = query[:, head * group : (head + 1) * group]
+        out[:, head * group : (head + 1) * group] = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
+        )
+    return out
+
+
+def _varlen_available(query: torch.Tensor) -> bool:
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or os.environ.get(VARLEN_ENV) == "0":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _varlen_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None) -> torch.Tensor:
+    """One varlen kernel over all heads (CUDA): each KV head is a sequence, its G query heads a GQA group."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    _, n_q_heads, q_len, head_dim = query.shape
+    heads = layer.num_heads
+    group = n_q_heads // heads
+    packed_q = query[0].view(heads, group, q_len, head_dim).transpose(1, 2).reshape(heads * q_len, group, head_dim)
+    cu_q = torch.arange(heads + 1, device=query.device, dtype=torch.int32) * q_len
+    # Segments own capacity rows; seqused_k says how many of them hold tokens.
+    cu_k = torch.cat([layer.starts, layer.starts.new_tensor([layer.key_buffer.shape[0]])]).to(torch.int32)
+    out = varlen_attn(
+        packed_q,
+        layer.key_buffer.unsqueeze(1),
+        layer.value_buffer.unsqueeze(1),
+        cu_q,
+        cu_k,
+        q_len,
+        max(layer.head_lengths),
+        scale=scaling,
+        window_size=(-1, 0),
+        enable_gqa=True,
+        seqused_k=layer.lengths.to(torch.int32),
+    )
+    return out.view(heads, q_len, group, head_dim).permute(1, 0, 2, 3).reshape(1, n_q_heads, q_len, head_dim)
+
+
+def ragged_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None = None) -> torch.Tensor:
+    """Attention of ``query [1, Hq, t, D]`` over a ragged layer; returns ``[1, t, Hq, D]`` (transformers' layout)."""
+    if query.shape[0] != 1:
+        raise ValueError(f"the ragged cache holds one sequence, got a batch of {query.shape[0]} queries")
+    if _varlen_available(query):
+        out = _varlen_attention(query, layer, scaling)
+    else:
+        out = _per_head_attention(query, layer, scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _make_attention(original: str) -> Callable:
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor | RaggedLayer,
+        value: torch.Tensor | RaggedLayer,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        if isinstance(key, RaggedLayer):
+            if kwargs.get("sliding_window") or kwargs.get("softcap"):
+                raise NotImplementedError("ragged layers support full attention without logit soft-capping only")
+            return ragged_attention(query, key, scaling), None
+        return ALL_ATTENTION_FUNCTIONS[original](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    attention.__name__ = f"{RAGGED_PREFIX}{original}"
+    return attention
+
+
+def register_ragged_attention(original: str) -> str:
+    """Register ``fastkvzip_ragged_<original>`` (attention and mask functions); returns its name."""
+    if original not in SUPPORTED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"ragged compaction needs attn_implementation in {SUPPORTED_IMPLEMENTATIONS}, the model uses "
+            f"{original!r}. Load it with attn_implementation='sdpa', or use FastKVzipPress(compaction='masked')."
+        )
+    name = RAGGED_PREFIX + original
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(original))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def enable_ragged_attention(model: PreTrainedModel) -> str:
+    """Switch ``model`` to the ragged-aware attention wrapping its current implementation (idempotent).
+
+    The switch stays after the press exits: a ragged cache outlives the press (kvpress's pipeline answers
+    questions after leaving ``with press(model)``), and on ordinary caches the wrapper is the original function.
+    """
+    current = attention_implementation(model)
+    if current.startswith(RAGGED_PREFIX):
+        return current
+    name = register_ragged_attention(current)
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "_attn_implementation", None) == current:
+            configs[id(config)] = config
+    text_config = model.config.get_text_config()
+    configs[id(text_config)] = text_config
+    for config in configs.values():
+        config._attn_implementation = name
+    logger.info("attention implementation %r → %r (ragged layers attend head by head)", current, name)
+    return name

@@ -1,0 +1,482 @@
+"""Head-wise ragged KV cache layer: every KV head keeps its own number of tokens, and memory really shrinks.
+
+Layout of one layer: keys and values are two buffers ``[M, D]``. Segment ``s = b * H + h`` belongs to KV head ``h`` of
+sequence ``b`` and owns the rows ``starts[s] : starts[s] + capacities[s]``; its first ``lengths[s]`` rows hold its
+retained tokens in their original order, the rest is spare room for tokens appended later (questions, generated
+tokens). Appending therefore copies only the new rows until a segment runs out of spare room; then the layer is rebuilt
+once with fresh spare room. Side columns (``[M]`` each: logical positions, gate scores, ...) share the layout and are
+compacted, appended and rolled back with the rows.
+
+The layer plugs into transformers' ``DynamicCache`` in place of a ``DynamicLayer``. It reports the *logical*
+sequence length (every token ever appended, evicted or not) so that positions, ``cache_position`` and the masks of
+dense layers stay what they would be without eviction. ``update`` returns the layer itself instead of key/value
+tensors: only the attention function registered by :mod:`fastkvzip_press.cache.attention` consumes it.
+
+Storage holds one sequence today (``batch_size == 1``); the segment index is already per (sequence, head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from fastkvzip_press.triton import ragged_append, ragged_compact
+
+DEFAULT_SPARE_TOKENS = 16
+POSITIONS = "positions"  # the side column of logical positions, maintained by the layer itself
+
+
+class RaggedView:
+    """Stand-in for ``layer.keys`` / ``layer.values``: logical shape ``[B, H, T, D]`` and prefix slicing.
+
+    kvpress's pipeline rolls answers back with ``layer.keys = layer.keys[:, :, :n]``; a view sliced that way and
+    assigned back truncates the layer to ``n`` logical tokens. Anything else raises with a pointer to the real
+    accessors (:meth:`RaggedLayer.head_keys`, :meth:`RaggedLayer.to_padded`).
+    """
+
+    def __init__(self, layer: RaggedLayer, length: int):
+        self.layer = layer
+        self.length = length
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.layer.batch_size, self.layer.num_heads, self.length, self.layer.head_dim))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.device
+
+    def __getitem__(self, index: Any) -> RaggedView:
+        parts = list(index) if isinstance(index, tuple) else [index]
+        if Ellipsis in parts:
+            at = parts.index(Ellipsis)
+            parts[at : at + 1] = [slice(None)] * (4 - len(parts) + 1)
+        parts += [slice(None)] * (4 - len(parts))
+        seq = parts[2]
+        whole = all(part == slice(None) for i, part in enumerate(parts) if i != 2)
+        if not whole or not isinstance(seq, slice) or seq.start not in (None, 0) or seq.step not in (None, 1):
+            raise TypeError(
+                "a ragged cache layer supports only prefix slices along the sequence, as in keys[:, :, :n]; "
+                "use RaggedLayer.head_keys(h) or RaggedLayer.to_padded() to read its tensors"
+            )
+        stop = self.length if seq.stop is None else seq.stop
+        stop = stop + self.length if stop < 0 else stop
+        return RaggedView(self.layer, max(0, min(stop, self.length)))
+
+    def __repr__(self) -> str:
+        return f"RaggedView(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+class RaggedLayer(CacheLayerMixin):
+    """One attention layer's KV cache stored head by head: storage only.
+
+    Attributes:
+        key_buffer, value_buffer: ``[M, D]``, all segments' rows (retained tokens and spare room).
+        starts, lengths, capacities: ``[B * H]`` int64 on the buffers' device (segment start, used rows, owned rows).
+        logical_length: tokens appended over the layer's life, evicted or not (what ``get_seq_length`` reports).
+        spare_tokens: spare rows given to every segment whenever the layer is (re)built.
+        columns: side columns ``{name: [M]}`` laid out like the buffers; appended rows get the column's fill value,
+            except :data:`POSITIONS` (see :meth:`track_positions`), which gets each new row's logical position.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(
+        self,
+        key_buffer: torch.Tensor,
+        value_buffer: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+        capacities: torch.Tensor,
+        logical_length: int,
+        spare_tokens: int = DEFAULT_SPARE_TOKENS,
+        batch_size: int = 1,
+    ):
+        if starts.shape[0] % batch_size:
+            raise ValueError(f"{starts.shape[0]} segments do not split into {batch_size} sequences")
+        self.is_initialized = True
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.starts, self.lengths, self.capacities = starts, lengths, capacities
+        self._lengths_host: list[int] = lengths.tolist()
+        self._capacities_host: list[int] = capacities.tolist()
+        self.logical_length = logical_length
+        self.spare_tokens = spare_tokens
+        self.batch_size = batch_size
+        self.columns: dict[str, torch.Tensor] = {}
+        self._fill: dict[str, float] = {}
+        # Tokens appended to every segment since the last eviction: only these can be rolled back by truncation.
+        self._uniform_tail = 0
+        self.dtype, self.device = key_buffer.dtype, key_buffer.device
+
+    # ------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_dense(
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: torch.Tensor,
+        spare_tokens: int = DEFAULT_SPARE_TOKENS,
+        track_positions: bool = False,
+        columns: dict[str, tuple[torch.Tensor, float]] | None = None,
+    ) -> RaggedLayer:
+        """Build from dense ``keys``/``values [B, H, T, D]`` keeping the pairs where ``keep [B, H, T]`` is True.
+
+        ``track_positions`` also stores every row's logical position. ``columns`` adds side columns
+        ``{name: (values [B, H, T], fill)}``, compacted in the same call as keys and values.
+        """
+        bsz, heads, n_tokens, head_dim = keys.shape
+        if bsz != 1:
+            raise ValueError(
+                f"the ragged cache holds one sequence, got batch size {bsz}; run one sequence at a time "
+                "or use FastKVzipPress(compaction='masked') for batches"
+            )
+        n_segments = bsz * heads
+        starts = torch.arange(n_segments, device=keys.device, dtype=torch.int64) * n_tokens
+        lengths = torch.full((n_segments,), n_tokens, device=keys.device, dtype=torch.int64)
+        names, fills = [], []
+        rows = [keys.reshape(n_segments * n_tokens, head_dim), values.reshape(n_segments * n_tokens, head_dim)]
+        if track_positions:
+            names.append(POSITIONS)
+            fills.append(-1)
+            rows.append(torch.arange(n_tokens, device=keys.device, dtype=torch.int32).repeat(n_segments))
+        for name, (column, fill) in (columns or {}).items():
+            names.append(name)
+            fills.append(fill)
+            rows.append(column.reshape(n_segments * n_tokens).to(keys.device))
+        packed = ragged_compact(rows, starts, lengths, keep.reshape(-1), spare=spare_tokens)
+        key_buffer, value_buffer, *side = packed.rows
+        layer = cls(
+            key_buffer,
+            value_buffer,
+            packed.starts,
+            packed.lengths,
+            packed.capacities,
+            n_tokens,
+            spare_tokens,
+            batch_size=bsz,
+        )
+        for name, fill, column in zip(names, fills, side):
+            layer.columns[name] = column
+            layer._fill[name] = fill
+        return layer
+
+    # ----------------------------------------------------------------------------------------------- geometry
+
+    @property
+    def num_heads(self) -> int:
+        return len(self._lengths_host) // self.batch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_buffer.shape[-1]
+
+    @property
+    def head_lengths(self) -> list[int]:
+        """Retained tokens of each segment (sequence-major, then KV head; host copy, no device sync)."""
+        return list(self._lengths_host)
+
+    @property
+    def head_capacities(self) -> list[int]:
+        """Rows each segment owns, retained tokens plus spare room (host copy, no device sync)."""
+        return list(self._capacities_host)
+
+    def segment(self, head: int, sequence: int = 0) -> int:
+        """Index of the segment of KV head ``head`` of sequence ``sequence``."""
+        return sequence * self.num_heads + head
+
+    def segment_bounds(self) -> list[tuple[int, int]]:
+        """``(start, length)`` of every segment's retained rows, read from host copies (no device sync)."""
+        bounds, start = [], 0
+        for length, capacity in zip(self._lengths_host, self._capacities_host):
+            bounds.append((start, length))
+            start += capacity
+        return bounds
+
+    def _rows(self, buffer: torch.Tensor, head: int, sequence: int) -> torch.Tensor:
+        start, length = self.segment_bounds()[self.segment(head, sequence)]
+        return buffer[start : start + length]
+
+    def head_keys(self, head: int, sequence: int = 0) -> torch.Tensor:
+        """Keys of one KV head, ``[lengths, D]`` (a view into the buffer)."""
+        return self._rows(self.key_buffer, head, sequence)
+
+    def head_values(self, head: int, sequence: int = 0) -> torch.Tensor:
+        """Values of one KV head, ``[lengths, D]`` (a view into the buffer)."""
+        return self._rows(self.value_buffer, head, sequence)
+
+    def to_padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense copies for inspection: keys, values ``[B, H, max_len, D]`` (zero padded), mask ``[B, H, max_len]``."""
+        max_len = max(self._lengths_host, default=0)
+        shape = (self.batch_size, self.num_heads, max_len, self.head_dim)
+        keys = self.key_buffer.new_zeros(shape)
+        values = self.value_buffer.new_zeros(shape)
+        mask = torch.zeros(shape[:3], dtype=torch.bool, device=self.device)
+        for index, (start, length) in enumerate(self.segment_bounds()):
+            sequence, head = divmod(index, self.num_heads)
+            keys[sequence, head, :length] = self.key_buffer[start : start + length]
+            values[sequence, head, :length] = self.value_buffer[start : start + length]
+            mask[sequence, head, :length] = True
+        return keys, values, mask
+
+    # ------------------------------------------------------------------------------------------- side columns
+
+    def add_column(self, name: str, per_row: torch.Tensor, fill: float) -> None:
+        """Add a side column: ``per_row [sum(lengths)]`` holds a value for every retained row, segment after segment;
+        spare rows read ``fill``, and so do rows appended later."""
+        if name == POSITIONS:
+            raise ValueError(f"{POSITIONS!r} is maintained by the layer; call track_positions()")
+        n_rows = sum(self._lengths_host)
+        if per_row.shape != (n_rows,):
+            raise ValueError(f"column {name!r} needs one value per retained row ({n_rows}), got {tuple(per_row.shape)}")
+        column = torch.full((self.key_buffer.shape[0],), fill, dtype=per_row.dtype, device=self.device)
+        column[self._row_index()] = per_row.to(self.device)
+        self.columns[name] = column
+        self._fill[name] = fill
+
+    def has_column(self, name: str) -> bool:
+        return name in self.columns
+
+    def column(self, name: str, head: int, sequence: int = 0) -> torch.Tensor:
+        """Side column ``name`` of one KV head's retained rows, ``[lengths]`` (a view)."""
+        if name not in self.columns:
+            raise KeyError(f"this layer has no column {name!r}; it has {sorted(self.columns)}")
+        return self._rows(self.columns[name], head, sequence)
+
+    def drop_column(self, name: str) -> None:
+        """Forget side column ``name`` (no-op when absent)."""
+        self.columns.pop(name, None)
+        self._fill.pop(name, None)
+
+    def write_column_tail(self, name: str, values: torch.Tensor) -> None:
+        """Set column ``name`` of every segment's last ``t`` retained rows from ``values [B, H, t]``."""
+        n = values.shape[-1]
+        if n == 0:
+            return
+        bounds = self.segment_bounds()
+        index = torch.cat(
+            [torch.arange(start + length - n, start + length, device=self.device) for start, length in bounds]
+        )
+        self.columns[name][index] = values.reshape(-1).to(self.columns[name].dtype).to(self.device)
+
+    def column_bytes(self) -> int:
+        """Bytes of the side columns other than positions (annotations such as gate scores)."""
+        return sum(column.nbytes for name, column in self.columns.items() if name != POSITIONS)
+
+    def _row_index(self) -> torch.Tensor:
+        """Buffer row of every retained row, segment after segment ``[sum(lengths)]``."""
+        parts = [torch.arange(start, start + length, device=self.device) for start, length in self.segment_bounds()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=self.device)
+
+    def track_positions(self) -> None:
+        """Start recording every row's logical position (a no-op when already on).
+
+        Rolling back to a logical length then drops exactly the rows at or after it, even when eviction made them no
+        longer a uniform tail. The uniform tail (tokens appended to every segment since the last eviction) gets its
+        true positions; older rows get -1, which keeps them through any rollback to a length after them.
+        """
+        if POSITIONS in self.columns:
+            return
+        positions = torch.full((self.key_buffer.shape[0],), -1, dtype=torch.int32, device=self.device)
+        for start, length in self.segment_bounds():
+            tail = min(self._uniform_tail, length)
+            positions[start + length - tail : start + length] = torch.arange(
+                self.logical_length - tail, self.logical_length, dtype=torch.int32, device=self.device
+            )
+        self.columns[POSITIONS] = positions
+        self._fill[POSITIONS] = -1
+
+    @property
+    def tracks_positions(self) -> bool:
+        return POSITIONS in self.columns
+
+    def head_positions(self, head: int, sequence: int = 0) -> torch.Tensor:
+        """Logical positions ``[lengths]`` of one head's rows (-1: held before tracking started)."""
+        if POSITIONS not in self.columns:
+            raise RuntimeError("this layer does not track positions; call track_positions() first")
+        return self.column(POSITIONS, head, sequence)
+
+    # --------------------------------------------------------------------------------------------- accounting
+
+    def nbytes(self) -> int:
+        """Bytes the layer holds for attention and rollback: both buffers, spare rows included, the segment index
+        and, when tracked, the positions. Annotation columns are counted by :meth:`column_bytes`."""
+        index_bytes = sum(t.numel() * t.element_size() for t in (self.starts, self.lengths, self.capacities))
+        if POSITIONS in self.columns:
+            index_bytes += self.columns[POSITIONS].nbytes
+        return self.key_buffer.nbytes + self.value_buffer.nbytes + index_bytes
+
+    def used_bytes(self) -> int:
+        """Bytes of the retained keys and values only."""
+        row_bytes = self.head_dim * self.key_buffer.element_size() * 2
+        return sum(self._lengths_host) * row_bytes
+
+    def spare_bytes(self) -> int:
+        """Bytes of the spare rows (room for appended tokens)."""
+        row_bytes = self.head_dim * self.key_buffer.element_size() * 2
+        return (sum(self._capacities_host) - sum(self._lengths_host)) * row_bytes
+
+    # ----------------------------------------------------------------------------------------- cache contract
+
+    @property
+    def keys(self) -> RaggedView:
+        return RaggedView(self, self.logical_length)
+
+    @keys.setter
+    def keys(self, view: RaggedView | None) -> None:
+        self._assign(view)
+
+    @property
+    def values(self) -> RaggedView:
+        return RaggedView(self, self.logical_length)
+
+    @values.setter
+    def values(self, view: RaggedView | None) -> None:
+        self._assign(view)
+
+    def _assign(self, view: RaggedView | None) -> None:
+        if view is None and not getattr(self, "is_initialized", False):
+            return  # CacheLayerMixin.__init__ resets the attributes
+        if isinstance(view, RaggedView) and view.layer is self:
+            self.truncate(view.length)
+            return
+        raise TypeError(
+            "a ragged cache layer's keys/values cannot be replaced by tensors; build a new RaggedLayer instead"
+        )
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("a RaggedLayer is built initialised (RaggedLayer.from_dense)")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[RaggedLayer, RaggedLayer]:
+        """Append ``key_states``/``value_states [B, H, t, D]`` at the end of every segment.
+
+        Returns the layer twice in place of key/value tensors; the ragged attention function reads it.
+        """
+        self.append(key_states, value_states)
+        return self, self
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write ``[B, H, t, D]`` new keys and values after each segment's retained tokens."""
+        if key_states.shape[0] != self.batch_size:
+            raise ValueError(
+                f"this ragged cache layer holds {self.batch_size} sequence(s), got batch size {key_states.shape[0]}"
+            )
+        n_new = key_states.shape[2]
+        if any(length + n_new > capacity for length, capacity in zip(self._lengths_host, self._capacities_host)):
+            self._rebuild(spare=n_new + self.spare_tokens)
+        n_segments = len(self._lengths_host)
+        new_rows = {
+            "keys": key_states.reshape(n_segments, n_new, -1).to(self.dtype),
+            "values": value_states.reshape(n_segments, n_new, -1).to(self.dtype),
+        }
+        ragged_append(self.key_buffer, self.starts, self.lengths, new_rows["keys"])
+        ragged_append(self.value_buffer, self.starts, self.lengths, new_rows["values"])
+        for name, column in self.columns.items():
+            if name == POSITIONS:
+                fresh = torch.arange(
+                    self.logical_length, self.logical_length + n_new, dtype=column.dtype, device=self.device
+                )
+                fresh = fresh.expand(n_segments, -1).contiguous()
+            else:
+                fresh = torch.full((n_segments, n_new), self._fill[name], dtype=column.dtype, device=self.device)
+            ragged_append(column, self.starts, self.lengths, fresh)
+        self.lengths += n_new
+        self._lengths_host = [length + n_new for length in self._lengths_host]
+        self.logical_length += n_new
+        self._uniform_tail += n_new
+
+    def _rebuild(self, spare: int) -> None:
+        """Copy every retained token into fresh buffers with ``spare`` free rows per segment."""
+        keep_all = torch.ones(sum(self._lengths_host), dtype=torch.bool, device=self.device)
+        self._replace(keep_all, spare=spare)
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Drop tokens: ``keep [sum(lengths)]`` flags every retained row, segment after segment, in order. Side columns
+        are compacted in the same call."""
+        self._replace(keep, spare=self.spare_tokens)
+        self._uniform_tail = 0
+
+    def _replace(self, keep: torch.Tensor, spare: int) -> None:
+        names = list(self.columns)
+        packed = ragged_compact(
+            [self.key_buffer, self.value_buffer, *self.columns.values()], self.starts, self.lengths, keep, spare=spare
+        )
+        self.key_buffer, self.value_buffer, *side = packed.rows
+        self.columns = dict(zip(names, side))
+        self.starts, self.lengths, self.capacities = packed.starts, packed.lengths, packed.capacities
+        self._lengths_host = packed.lengths.tolist()
+        self._capacities_host = packed.capacities.tolist()
+
+    def truncate(self, length: int) -> None:
+        """Roll back to ``length`` logical tokens by dropping the most recent appended tokens of every segment."""
+        n_drop = self.logical_length - length
+        if n_drop <= 0:
+            return
+        if n_drop > self._uniform_tail:
+            if POSITIONS not in self.columns:
+                raise ValueError(
+                    f"cannot roll back {n_drop} tokens: only the {self._uniform_tail} tokens appended since the last "
+                    "eviction are still held by every head, and this layer does not track positions"
+                )
+            # Eviction during decoding mixed the rolled-back tokens into the heads: drop them by position.
+            self._replace(self.columns[POSITIONS][self._row_index()] < length, spare=self.spare_tokens)
+            self.logical_length = length
+            self._uniform_tail = 0
+            return
+        self.lengths -= n_drop
+        self._lengths_host = [length - n_drop for length in self._lengths_host]
+        self.logical_length = length
+        self._uniform_tail -= n_drop
+        # Rolled-back answers leave their rows behind as spare; give them back (one copy per rollback).
+        if max(c - n for c, n in zip(self._capacities_host, self._lengths_host)) > 2 * self.spare_tokens:
+            self._rebuild(spare=self.spare_tokens)
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.logical_length + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        self.truncate(self.logical_length + max_length if max_length < 0 else max_length)
+
+    def offload(self) -> None:
+        self.key_buffer = self.key_buffer.to("cpu", non_blocking=True)
+        self.value_buffer = self.value_buffer.to("cpu", non_blocking=True)
+
+    def prefetch(self) -> None:
+        if self.key_buffer.device != self.device:
+            self.key_buffer = self.key_buffer.to(self.device, non_blocking=True)
+            self.value_buffer = self.value_buffer.to(self.device, non_blocking=True)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self._lengths_host = [0] * len(self._lengths_host)
+        self.logical_length = 0
+        self._uniform_tail = 0
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError(
+            "beam search and batch expansion are not supported on a ragged cache layer; "
+            "use FastKVzipPress(compaction='masked') for them"
+        )
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+
+    def __repr__(self) -> str:
+        return (
+            f"RaggedLayer(sequences={self.batch_size}, heads={self.num_heads}, lengths={self._lengths_host}, "
+            f"logical={self.logical_length}, dtype={self.dtype})"
+        )

@@ -1,0 +1,227 @@
+"""The eviction decision: which KV pairs to evict, from gate scores, a budget and protection.
+
+One-pass prefill, chunked prefill and decoding all call :func:`decide`; nothing else decides.
+
+Shapes: scores are ``[L, B, H, N]``: layers, sequences, KV heads and candidate pairs (higher = keep). ``valid``
+(broadcastable to the scores) marks the pairs that exist: padding of a batch, or the unused tail of a head that holds
+fewer pairs than the longest (decoding over ragged heads), is never evicted, never protected and never counted in a
+budget. Each row ``(layer, sequence, head)`` counts its own pairs in order, so sink and window are each sequence's (or
+each head's) own first and last pairs.
+
+Budgets are computed per sequence, over all its layers x heads or, with ``layerwise``, per layer. A count budget
+evicts the lowest-scored unprotected pairs (exactly, through :func:`~fastkvzip_press.triton.select_smallest`; equal
+scores go to the lower flat index in (layer, head, pair) order); when protection leaves too little room the decision
+says how many pairs it could not evict (``shortfall``) and the caller warns or refuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastkvzip_press.triton import select_smallest
+
+INF = float("inf")
+
+
+# ---------------------------------------------------------------------------------------------------- protection
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Pairs of every row that are never evicted; they still count toward count budgets.
+
+    Attributes:
+        n_sink: the row's first ``n_sink`` pairs (attention sinks).
+        window: the row's last pairs: an int counts pairs (0 = none); a float in (0, 1) is a fraction of the row's
+            own length, at least one pair.
+        offset: own index of the first candidate when earlier pairs of the row were decided before (a chunk span
+            starts after them), so that sinks protect only the row's very first pairs.
+    """
+
+    n_sink: int = 0
+    window: int | float = 0
+    offset: int = 0
+
+    def __post_init__(self):
+        if self.n_sink < 0 or self.offset < 0:
+            raise ValueError(f"n_sink and offset must be >= 0, got {self.n_sink} and {self.offset}")
+        if isinstance(self.window, float) and not 0 < self.window < 1:
+            raise ValueError(f"a float window is a fraction of the context in (0, 1), got {self.window}")
+        if isinstance(self.window, int) and self.window < 0:
+            raise ValueError(f"window must be >= 0 pairs, got {self.window}")
+
+    def window_pairs(self, length: int) -> int:
+        """Protected recent pairs of a row holding ``length`` pairs."""
+        if isinstance(self.window, float):
+            return max(1, int(self.window * length))
+        return self.window
+
+    def require_room(self, length: int) -> int:
+        """The window for a context of ``length`` tokens, after checking that something outside sink and window
+        remains to evict (a clear error instead of a silent no-op on an empty or tiny context)."""
+        window = self.window_pairs(length)
+        if length <= self.n_sink + window:
+            raise ValueError(
+                f"the context has {length} tokens, not more than the protected n_sink={self.n_sink} + "
+                f"window={window}; nothing could be evicted. Use a longer context or smaller n_sink/window_size."
+            )
+        return window
+
+    def mask(self, valid: torch.Tensor) -> torch.Tensor:
+        """Protected pairs ``[..., N]`` (bool) of rows whose existing pairs are ``valid [..., N]``."""
+        own = valid.cumsum(-1) - 1  # index of each pair among its row's pairs
+        length = valid.sum(-1, keepdim=True)
+        protected = own + self.offset < self.n_sink
+        if isinstance(self.window, float):
+            # float64 like Python's int(fraction * length), at least one pair
+            window = (length.double() * self.window).floor().long().clamp(min=1)
+            protected |= own >= length - window
+        elif self.window > 0:
+            protected |= own >= length - self.window
+        return protected & valid
+
+
+# ------------------------------------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True)
+class RatioBudget:
+    """Evict ``int(ratio x pairs)`` of each sequence's pairs (kvpress's ``compression_ratio``, fraction removed);
+    protected pairs count toward it."""
+
+    ratio: float
+    layerwise: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"compression_ratio is the fraction removed, in [0, 1); got {self.ratio}")
+
+    def pairs_to_evict(self, pairs: int, evictable: int, heads: int, sequence: int) -> int:
+        return int(pairs * self.ratio)
+
+
+@dataclass(frozen=True)
+class SpanBudget:
+    """Keep ``keep_fraction`` of a chunk span's unprotected pairs (the chunk plan's adjusted budget)."""
+
+    keep_fraction: float
+    layerwise: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in [0, 1], got {self.keep_fraction}")
+
+    def pairs_to_evict(self, pairs: int, evictable: int, heads: int, sequence: int) -> int:
+        return evictable - round(evictable * self.keep_fraction)
+
+
+@dataclass(frozen=True)
+class HeadTargetBudget:
+    """Keep at most ``pairs_per_head`` pairs per (layer, head) on average: evict a sequence's excess over
+    ``pairs_per_head x heads`` (decoding). One value for every sequence, or one per sequence."""
+
+    pairs_per_head: int | tuple[int, ...]
+    layerwise: bool = False
+
+    def __post_init__(self):
+        targets = self.pairs_per_head if isinstance(self.pairs_per_head, tuple) else (self.pairs_per_head,)
+        if any(target < 0 for target in targets):
+            raise ValueError(f"pairs_per_head must be >= 0, got {self.pairs_per_head}")
+
+    def target(self, sequence: int) -> int:
+        if isinstance(self.pairs_per_head, tuple):
+            return self.pairs_per_head[sequence]
+        return self.pairs_per_head
+
+    def pairs_to_evict(self, pairs: int, evictable: int, heads: int, sequence: int) -> int:
+        return max(0, pairs - self.target(sequence) * heads)
+
+
+@dataclass(frozen=True)
+class ThresholdBudget:
+    """Evict every unprotected pair whose score is below ``threshold`` (adaptive: the ratio is what it is)."""
+
+    threshold: float
+
+    def __post_init__(self):
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold compares with gate scores in (0, 1); got {self.threshold}")
+
+
+CountBudget = RatioBudget | SpanBudget | HeadTargetBudget
+Budget = CountBudget | ThresholdBudget
+
+
+# ------------------------------------------------------------------------------------------------------ decision
+
+
+@dataclass
+class Decision:
+    """What :func:`decide` chose.
+
+    Attributes:
+        evicted: ``[L, B, H, N]`` bool, the pairs to evict (never a protected or missing pair).
+        kept: ``[L, B, H]`` long, pairs each row keeps.
+        evicted_per_sequence: ``[B]`` pairs evicted from each sequence.
+        shortfall: ``[B]`` pairs each sequence's budget asked for that protection did not leave to evict.
+    """
+
+    evicted: torch.Tensor
+    kept: torch.Tensor
+    evicted_per_sequence: list[int]
+    shortfall: list[int]
+
+    @property
+    def met(self) -> bool:
+        """Whether every sequence's budget was met."""
+        return not any(self.shortfall)
+
+
+def decide(
+    scores: torch.Tensor,
+    budget: Budget,
+    protection: Protection = Protection(),
+    valid: torch.Tensor | None = None,
+) -> Decision:
+    """Choose the pairs to evict.
+
+    Args:
+        scores: ``[L, B, H, N]`` keep scores (any float dtype; compared in fp32).
+        budget: how many pairs (or which scores) to evict; see :class:`RatioBudget`, :class:`SpanBudget`,
+            :class:`HeadTargetBudget` and :class:`ThresholdBudget`.
+        protection: pairs never evicted.
+        valid: bool mask broadcastable to ``scores``; ``None``: every pair exists.
+    """
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [layers, sequences, heads, pairs], got shape {tuple(scores.shape)}")
+    n_layers, bsz, heads, _ = scores.shape
+    if valid is None:
+        valid = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    else:
+        valid = valid.to(device=scores.device, dtype=torch.bool).expand(scores.shape)
+    candidates = scores.float().masked_fill(protection.mask(valid) | ~valid, INF)
+    shortfall = [0] * bsz
+    if isinstance(budget, ThresholdBudget):
+        evicted = candidates < budget.threshold
+    else:
+        evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        for sequence in range(bsz):
+            groups = (
+                [(slice(layer, layer + 1), heads) for layer in range(n_layers)]
+                if budget.layerwise
+                else [(slice(None), n_layers * heads)]
+            )
+            for layers, slots in groups:
+                flat = candidates[layers, sequence].reshape(-1)
+                pairs = int(valid[layers, sequence].sum())
+                evictable = int(torch.isfinite(flat).sum())
+                wanted = budget.pairs_to_evict(pairs, evictable, slots, sequence)
+                n_evict = max(0, min(wanted, evictable))
+                shortfall[sequence] += wanted - n_evict
+                _, chosen = select_smallest(flat, n_evict)
+                evicted[layers, sequence] = chosen.view(evicted[layers, sequence].shape)
+    kept = (valid & ~evicted).sum(-1)
+    per_sequence = evicted.sum(dim=(0, 2, 3)).tolist()
+    return Decision(evicted=evicted, kept=kept, evicted_per_sequence=per_sequence, shortfall=shortfall)

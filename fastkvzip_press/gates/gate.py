@@ -1,0 +1,232 @@
+"""Low-rank sink-attention gates (Fast KVzip, arXiv 2601.17668).
+
+One :class:`SinkGate` per attention layer maps each token's post-``input_layernorm`` hidden state to one keep
+probability per KV head. For every (token, KV head, group member) a tiny attention runs over ``1 + S`` keys: the
+token's own gate key and ``S`` learned, token-independent sink keys. The score is the probability mass on the own
+key, averaged over the ``G`` group members. Gates see no positions and no other tokens, so each token is scored once.
+
+:class:`GateBank` holds the gates of all gated layers plus the metadata a gate file needs to be matched to a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastkvzip_press.gates.layout import ModelLayout
+
+DEFAULT_RANK = 16
+DEFAULT_SINKS = 16
+
+
+class GateMismatchError(ValueError):
+    """A gate file or bank does not fit the model it is applied to."""
+
+
+class RMSNormFP32(nn.Module):
+    """RMSNorm that normalises in fp32, rounds to the input dtype, then scales by an fp32 weight.
+
+    This matches the Qwen3 RMSNorm the released gates were trained with: the output is fp32 whenever the
+    weight is fp32, whatever the input dtype.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class SinkGate(nn.Module):
+    """Gate of one attention layer.
+
+    Parameters (names and shapes are those of the released gate files):
+        q_proj.weight [H*G*r, D], q_proj.bias [H*G*r], k_proj.weight [H*r, D],
+        q_norm.weight [r] (fp32), k_norm.weight [r] (fp32), b [H, 1, G], k_base [H, 1, S, r] (fp32).
+
+    ``forward(x)`` takes hidden states ``[B, N, D]`` and returns keep scores ``[B, H, N]`` in (0, 1), fp32.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_kv_heads: int,
+        group_size: int,
+        rank: int = DEFAULT_RANK,
+        n_sink: int = DEFAULT_SINKS,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if n_sink < 1:
+            raise ValueError(f"n_sink must be >= 1 (the sink softmax needs sink keys), got {n_sink}")
+        self.hidden_size = hidden_size
+        self.num_kv_heads = num_kv_heads
+        self.group_size = group_size
+        self.rank = rank
+        self.n_sink = n_sink
+        self.q_proj = nn.Linear(hidden_size, num_kv_heads * group_size * rank, bias=True, dtype=dtype)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * rank, bias=False, dtype=dtype)
+        self.q_norm = RMSNormFP32(rank)
+        self.k_norm = RMSNormFP32(rank)
+        self.b = nn.Parameter(torch.zeros(num_kv_heads, 1, group_size, dtype=dtype))
+        self.k_base = nn.Parameter(torch.zeros(num_kv_heads, 1, n_sink, rank, dtype=torch.float32))
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Own-key and sink logits.
+
+        Args:
+            x: hidden states ``[B, N, D]``.
+
+        Returns:
+            own ``[B, H, N, G]`` and sinks ``[B, H, N, S, G]``, fp32. The bias ``b`` is added once.
+        """
+        bsz, n_tokens, _ = x.shape
+        heads, group, rank = self.num_kv_heads, self.group_size, self.rank
+        x = x.to(self.q_proj.weight.dtype)
+        q = self.q_norm(self.q_proj(x).view(bsz, n_tokens, heads, group, rank))  # [B, N, H, G, r] fp32
+        k = self.k_norm(self.k_proj(x).view(bsz, n_tokens, heads, rank))  # [B, N, H, r] fp32
+        scale = 1.0 / math.sqrt(rank)
+        own = torch.einsum("bnhr,bnhgr->bhng", k, q) * scale + self.b.float().squeeze(1)[None, :, None, :]
+        sinks = torch.einsum("hsr,bnhgr->bhnsg", self.k_base.float().squeeze(1), q) * scale
+        return own, sinks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        own, sinks = self.logits(x)
+        # p = exp(own) / (exp(own) + sum_s exp(sink_s)), computed stably in log space.
+        all_logits = torch.cat([own.unsqueeze(3), sinks], dim=3)  # [B, H, N, 1+S, G]
+        p_own = torch.exp(own - torch.logsumexp(all_logits, dim=3))
+        return p_own.mean(-1)  # [B, H, N]
+
+
+@dataclass
+class GateMetadata:
+    """Everything about a gate bank that its tensors do not say."""
+
+    model_id: str = ""
+    layer_ids: tuple[int, ...] = ()
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+class GateBank(nn.Module):
+    """Gates of all gated layers of one model, indexed by decoder-layer id.
+
+    Attributes:
+        gates: one :class:`SinkGate` per gated layer, in layer order.
+        metadata: model id, gated layer ids and training information.
+    """
+
+    def __init__(self, gates: list[SinkGate], metadata: GateMetadata):
+        super().__init__()
+        if not gates:
+            raise ValueError("a GateBank needs at least one gate")
+        if len(metadata.layer_ids) != len(gates):
+            raise ValueError(f"{len(gates)} gates but {len(metadata.layer_ids)} layer ids {metadata.layer_ids}")
+        first = gates[0]
+        for gate in gates[1:]:
+            if (gate.hidden_size, gate.num_kv_heads, gate.group_size, gate.rank, gate.n_sink) != (
+                first.hidden_size,
+                first.num_kv_heads,
+                first.group_size,
+                first.rank,
+                first.n_sink,
+            ):
+                raise ValueError("all gates of a bank must share hidden size, heads, group size, rank and sinks")
+        self.gates = nn.ModuleList(gates)
+        self.metadata = metadata
+        self._slot = {layer_id: i for i, layer_id in enumerate(metadata.layer_ids)}
+
+    # Shape hyperparameters, shared by all gates.
+    hidden_size = property(lambda self: self.gates[0].hidden_size)
+    num_kv_heads = property(lambda self: self.gates[0].num_kv_heads)
+    group_size = property(lambda self: self.gates[0].group_size)
+    rank = property(lambda self: self.gates[0].rank)
+    n_sink = property(lambda self: self.gates[0].n_sink)
+
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return self.metadata.layer_ids
+
+    def __repr__(self) -> str:
+        # One line: presses print their fields (kvpress's evaluation stores str(press) in config.yaml).
+        return (
+            f"GateBank(model_id={self.metadata.model_id!r}, layers={len(self.gates)}, kv_heads={self.num_kv_heads}, "
+            f"group_size={self.group_size}, rank={self.rank}, n_sink={self.n_sink})"
+        )
+
+    def has_layer(self, layer_id: int) -> bool:
+        return layer_id in self._slot
+
+    def gate(self, layer_id: int) -> SinkGate:
+        """The gate of decoder layer ``layer_id``."""
+        try:
+            return self.gates[self._slot[layer_id]]
+        except KeyError:
+            raise KeyError(f"layer {layer_id} has no gate; gated layers are {self.layer_ids}") from None
+
+    @torch.no_grad()
+    def score(self, layer_id: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Keep scores ``[B, H, N]`` (fp32, in (0, 1)) for hidden states ``[B, N, D]`` of layer ``layer_id``."""
+        gate = self.gate(layer_id)
+        if gate.q_proj.weight.device != hidden_states.device:
+            self.to(hidden_states.device)
+        return gate(hidden_states)
+
+    @classmethod
+    def random(
+        cls,
+        layout: ModelLayout,
+        rank: int = DEFAULT_RANK,
+        n_sink: int = DEFAULT_SINKS,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> GateBank:
+        """Untrained gates with random projections and sink keys, for tests and demos without trained gates."""
+        generator = torch.Generator().manual_seed(seed)
+        gates = []
+        for _ in layout.gated_layer_ids:
+            gate = SinkGate(layout.hidden_size, layout.num_kv_heads, layout.group_size, rank, n_sink, dtype)
+            with torch.no_grad():
+                for name, param in gate.named_parameters():
+                    if "norm" in name:
+                        continue  # norm weights keep their ones, as at the start of training
+                    std = 1.0 / math.sqrt(layout.hidden_size) if name.endswith("_proj.weight") else 1.0
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+            gates.append(gate)
+        meta = GateMetadata(layout.model_id, layout.gated_layer_ids, {"source": "random", "seed": seed})
+        return cls(gates, meta)
+
+    def check_fits(self, layout: ModelLayout) -> None:
+        """Raise :class:`GateMismatchError` naming expected and found shapes when the bank does not fit ``layout``."""
+        problems = []
+        expected = {
+            "hidden size": layout.hidden_size,
+            "KV heads": layout.num_kv_heads,
+            "group size (query heads per KV head)": layout.group_size,
+            "gated layers": len(layout.gated_layer_ids),
+        }
+        found = {
+            "hidden size": self.hidden_size,
+            "KV heads": self.num_kv_heads,
+            "group size (query heads per KV head)": self.group_size,
+            "gated layers": len(self.gates),
+        }
+        for name, want in expected.items():
+            if found[name] != want:
+                problems.append(f"{name}: model expects {want}, gates have {found[name]}")
+        if not problems and tuple(self.layer_ids) != tuple(layout.gated_layer_ids):
+            problems.append(f"gated layer ids: model expects {layout.gated_layer_ids}, gates have {self.layer_ids}")
+        if problems:
+            raise GateMismatchError(
+                f"gates for {self.metadata.model_id or 'an unnamed model'} do not fit model "
+                f"{layout.model_id or '(unnamed)'}: "
+                + "; ".join(problems)
+                + ". Load gates trained for this model, or train some with `fastkvzip-press train`."
+            )

@@ -1,0 +1,144 @@
+"""The ragged head-wise cache layer: storage, side columns, appends, rollback, without a model."""
+
+import pytest
+import torch
+
+from fastkvzip_press.cache import RaggedLayer
+
+HEADS, TOKENS, DIM = 3, 20, 8
+
+
+def dense_kv(seed: int = 0, tokens: int = TOKENS, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, HEADS, tokens, DIM, generator=generator, dtype=dtype)
+    values = torch.randn(1, HEADS, tokens, DIM, generator=generator, dtype=dtype)
+    keep = torch.rand(1, HEADS, tokens, generator=generator) < 0.6
+    keep[0, 0] = True  # one head keeps everything, one keeps little
+    keep[0, 1, 2:] = False
+    return keys, values, keep
+
+
+def test_from_dense_keeps_each_heads_pairs_in_order():
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep, spare_tokens=4)
+    assert layer.head_lengths == keep[0].sum(-1).tolist()
+    for head in range(HEADS):
+        torch.testing.assert_close(layer.head_keys(head), keys[0, head, keep[0, head]], rtol=0, atol=0)
+        torch.testing.assert_close(layer.head_values(head), values[0, head, keep[0, head]], rtol=0, atol=0)
+    padded_keys, _, mask = layer.to_padded()
+    assert torch.equal(mask.sum(-1)[0], keep[0].sum(-1))
+    assert layer.get_seq_length() == TOKENS  # logical length: positions are unchanged by eviction
+
+
+def test_memory_is_retained_plus_spare():
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep, spare_tokens=4)
+    row_bytes = 2 * DIM * 4
+    assert layer.used_bytes() == int(keep.sum()) * row_bytes
+    assert layer.spare_bytes() == HEADS * 4 * row_bytes
+    assert layer.key_buffer.nbytes + layer.value_buffer.nbytes == layer.used_bytes() + layer.spare_bytes()
+    assert layer.nbytes() == layer.used_bytes() + layer.spare_bytes() + 3 * HEADS * 8  # + starts/lengths/capacities
+
+
+def test_append_fills_spare_room_in_place_then_regrows_once():
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep, spare_tokens=4)
+    before = layer.key_buffer.data_ptr()
+    lengths = layer.head_lengths
+    new_keys, new_values = torch.randn(2, 1, HEADS, 3, DIM).unbind(0)
+    layer.update(new_keys, new_values)
+    assert layer.key_buffer.data_ptr() == before  # 3 tokens fit in 4 spare rows: no copy of the layer
+    more_keys, more_values = torch.randn(2, 1, HEADS, 2, DIM).unbind(0)
+    layer.update(more_keys, more_values)
+    assert layer.key_buffer.data_ptr() != before  # out of room: rebuilt once, with fresh spare room
+    assert layer.head_lengths == [n + 5 for n in lengths]
+    assert min(c - n for c, n in zip(layer.head_capacities, layer.head_lengths)) >= 4
+    for head in range(HEADS):
+        expected = torch.cat([keys[0, head, keep[0, head]], new_keys[0, head], more_keys[0, head]])
+        assert torch.equal(layer.head_keys(head), expected)
+    assert layer.get_seq_length() == TOKENS + 5
+
+
+def test_pipeline_style_rollback_truncates_appended_tokens():
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    lengths = layer.head_lengths
+    n = layer.get_seq_length()
+    layer.update(*torch.randn(2, 1, HEADS, 5, DIM).unbind(0))
+    # kvpress's pipeline: cache.layers[i].keys = cache.layers[i].keys[:, :, :n], then the same for values
+    layer.keys = layer.keys[:, :, :n]
+    layer.values = layer.values[:, :, :n]
+    assert layer.head_lengths == lengths and layer.get_seq_length() == n
+    assert layer.keys.shape == (1, HEADS, n, DIM)
+    layer.update(*torch.randn(2, 1, HEADS, 40, DIM).unbind(0))  # outgrows the spare rows: rebuilt with more room
+    layer.keys = layer.keys[:, :, :n]
+    assert layer.head_lengths == lengths and layer.spare_bytes() == HEADS * 16 * 2 * DIM * 4  # room given back
+    with pytest.raises(ValueError, match="cannot roll back"):
+        layer.crop(n - 1)  # evicted tokens are gone; only appended ones can be rolled back
+
+
+def test_unsupported_uses_fail_clearly():
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    with pytest.raises(TypeError, match="prefix slices"):
+        layer.keys[:, 0]
+    with pytest.raises(TypeError, match="cannot be replaced"):
+        layer.keys = torch.zeros(1)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        layer.reorder_cache(torch.tensor([0]))
+    with pytest.raises(ValueError, match="batch size 2"):
+        RaggedLayer.from_dense(keys.expand(2, -1, -1, -1), values.expand(2, -1, -1, -1), keep.expand(2, -1, -1))
+
+
+def test_ragged_layer_rolls_back_by_position_after_decoding_eviction():
+    keys = torch.randn(1, 2, 10, 4)
+    keep = torch.ones(1, 2, 10, dtype=torch.bool)
+    keep[0, 0, 3:6] = False
+    layer = RaggedLayer.from_dense(keys, keys.clone(), keep, track_positions=True)
+    assert layer.head_positions(0).tolist() == [0, 1, 2, 6, 7, 8, 9]
+    layer.append(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))  # positions 10..14
+    layer.compact(torch.cat([torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1, 1]), torch.ones(15)]).bool())
+    assert layer.head_positions(0).tolist() == [0, 1, 2, 6, 7, 8, 9, 11, 13, 14]
+    layer.keys = layer.keys[:, :, :12]  # kvpress's rollback: not a uniform tail any more
+    assert layer.head_positions(0).tolist() == [0, 1, 2, 6, 7, 8, 9, 11]
+    assert layer.head_positions(1).tolist() == list(range(12)) and layer.get_seq_length() == 12
+    torch.testing.assert_close(layer.head_keys(0)[:3], keys[0, 0, :3])
+    plain = RaggedLayer.from_dense(keys, keys.clone(), keep)
+    assert not plain.tracks_positions and plain.nbytes() < layer.nbytes()
+    plain.track_positions()
+    assert plain.head_positions(0).tolist() == [-1] * 7  # held before tracking: older than any rollback
+
+
+def test_side_columns_follow_their_rows_through_compaction_append_and_rollback():
+    keys, values, keep = dense_kv(seed=4)
+    scores = torch.rand(1, HEADS, TOKENS)
+    layer = RaggedLayer.from_dense(keys, values, keep, spare_tokens=2, columns={"scores": (scores, float("nan"))})
+    for head in range(HEADS):
+        assert torch.equal(layer.column("scores", head), scores[0, head, keep[0, head]])
+    n = layer.get_seq_length()
+    layer.append(*torch.randn(2, 1, HEADS, 5, DIM).unbind(0))  # outgrows 2 spare rows: rebuilt with the column
+    assert all(torch.isnan(layer.column("scores", head)[-5:]).all() for head in range(HEADS))
+    layer.write_column_tail("scores", torch.full((1, HEADS, 5), 0.5))
+    assert all(torch.equal(layer.column("scores", h)[-5:], torch.full((5,), 0.5)) for h in range(HEADS))
+    drop_first = torch.cat([torch.tensor([False] + [True] * (length - 1)) for length in layer.head_lengths])
+    layer.compact(drop_first)
+    for head in range(HEADS):
+        expected = torch.cat([scores[0, head, keep[0, head]][1:], torch.full((5,), 0.5)])
+        assert torch.equal(layer.column("scores", head), expected)
+    assert layer.column_bytes() == layer.columns["scores"].nbytes  # counted apart from keys and values
+    layer.drop_column("scores")
+    assert not layer.has_column("scores")
+    with pytest.raises(KeyError, match="no column 'scores'"):
+        layer.column("scores", 0)
+    assert layer.get_seq_length() == n + 5
+
+
+def test_add_column_needs_one_value_per_retained_row():
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    layer.add_column("weights", torch.arange(sum(layer.head_lengths)).float(), fill=-1.0)
+    assert layer.column("weights", 1).tolist() == list(range(layer.head_lengths[0], sum(layer.head_lengths[:2])))
+    with pytest.raises(ValueError, match="one value per retained row"):
+        layer.add_column("bad", torch.zeros(3), fill=0.0)
+    with pytest.raises(ValueError, match="track_positions"):
+        layer.add_column("positions", torch.zeros(sum(layer.head_lengths)), fill=0.0)

@@ -1,0 +1,109 @@
+"""Shared test helpers: contexts, greedy decoding under a press, cache measurements, kernel test inputs."""
+
+import contextlib
+import os
+from unittest import mock
+
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from transformers import DynamicCache, pipeline
+
+from fastkvzip_press import RaggedLayer
+from fastkvzip_press.triton import dispatch
+
+HAYSTACK = " ".join(["the grass is green and the sky is blue ."] * 12)
+CONTEXT = f"{HAYSTACK} the secret code is 7 2 9 . {HAYSTACK}"
+QUESTIONS = ["what is the secret code ?", "what color is the sky ?", "what is green ?"]
+
+
+def greedy_after_prefill(model, tokenizer, press, context=CONTEXT, question=QUESTIONS[0], steps=4):
+    """Prefill ``context`` under ``press``, then greedy-decode after ``question``: (tokens, logits per step, cache)."""
+    ids = tokenizer(context, return_tensors="pt").input_ids
+    question_ids = tokenizer(question, return_tensors="pt").input_ids
+    cache = DynamicCache()
+    with torch.no_grad():
+        if press is None:
+            model.model(input_ids=ids, past_key_values=cache)
+        else:
+            with press(model):
+                model.model(input_ids=ids, past_key_values=cache)
+        position = ids.shape[1]
+        tokens, logits = [], []
+        step_ids = question_ids
+        for _ in range(steps):
+            positions = torch.arange(position, position + step_ids.shape[1])[None]
+            step_logits = model(step_ids, past_key_values=cache, position_ids=positions).logits[:, -1]
+            position += step_ids.shape[1]
+            step_ids = step_logits.argmax(-1, keepdim=True)
+            tokens.append(int(step_ids))
+            logits.append(step_logits)
+    return tokens, torch.cat(logits), cache
+
+
+def stored_rows_per_head(cache, layer_ids) -> float:
+    """Average pairs held per (gated layer, KV head)."""
+    counts = []
+    for layer_id in layer_ids:
+        layer = cache.layers[layer_id]
+        counts += layer.head_lengths if isinstance(layer, RaggedLayer) else [layer.keys.shape[2]] * layer.keys.shape[1]
+    return sum(counts) / len(counts)
+
+
+def greedy_decode(model, tokenizer, press, n_steps: int, prompt: str = CONTEXT, observe=None):
+    """Prefill ``prompt`` and greedy-decode ``n_steps`` tokens with ``press`` active throughout.
+
+    Returns (tokens, logits [n_steps, V], cache); ``observe(cache, step)`` runs after every step.
+    """
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    cache = DynamicCache()
+    tokens, logits = [], []
+    with torch.no_grad(), press(model):
+        out = model(ids, past_key_values=cache)
+        for step in range(n_steps):
+            step_logits = out.logits[:, -1]
+            next_id = step_logits.argmax(-1, keepdim=True)
+            tokens.append(int(next_id))
+            logits.append(step_logits)
+            out = model(next_id, past_key_values=cache)
+            if observe is not None:
+                observe(cache, step)
+    return tokens, torch.cat(logits), cache
+
+
+def make_pipeline(model, tokenizer):
+    return pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------- kernels
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FEW = settings(max_examples=30, deadline=None)
+ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str):
+    """Force ``FASTKVZIP_PRESS_KERNELS`` inside a hypothesis example (function-scoped fixtures are not reset there)."""
+    with mock.patch.dict(os.environ, {dispatch.KERNELS_ENV: name}):
+        yield
+
+
+@st.composite
+def ragged_layouts(draw, min_room: int = 0):
+    """(starts, lengths, rooms, M): up to 6 segments in shuffled memory order, each followed by ``room`` unused rows
+    (at least ``min_room``), with unused rows before the first and after the last segment."""
+    n_segments = draw(st.integers(0, 6))
+    lengths = draw(st.lists(st.integers(0, 40), min_size=n_segments, max_size=n_segments))
+    rooms = draw(st.lists(st.integers(min_room, min_room + 5), min_size=n_segments, max_size=n_segments))
+    order = draw(st.permutations(range(n_segments)))
+    starts = [0] * n_segments
+    row = draw(st.integers(0, 5))
+    for s in order:
+        starts[s] = row
+        row += lengths[s] + rooms[s]
+    return starts, lengths, rooms, row + draw(st.integers(0, 3))
+
+
+def as_index(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=KERNEL_DEVICE)

@@ -1,0 +1,115 @@
+"""The package's shape: the import graph has no cycle, the core imports no kvpress nor the layers above it, the
+decision and the cache surgery each live in one place, and the public names import."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import fastkvzip_press
+
+PACKAGE = Path(fastkvzip_press.__file__).parent
+CORE = ("gates", "eviction", "cache", "triton")
+ABOVE_CORE = ("presses", "training", "evaluation", "cli", "models")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Modules ``path`` imports anywhere in its body (top level, functions, TYPE_CHECKING blocks)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (a package import counts as its ``__init__``)."""
+    return {name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in MODULES.items()}
+
+
+def test_the_core_imports_neither_kvpress_nor_what_sits_above_it():
+    for name, path in MODULES.items():
+        if name.split(".")[1:2] and name.split(".")[1] in CORE:
+            for imported in imports_of(path):
+                top = imported.split(".")
+                assert top[0] != "kvpress", f"{name} imports {imported}"
+                assert not (top[0] == "fastkvzip_press" and len(top) > 1 and top[1] in ABOVE_CORE), (
+                    f"{name} imports {imported}"
+                )
+
+
+def test_no_import_cycle_between_modules():
+    graph = package_graph()
+    # The top-level package imports its public names lazily, so it is not an edge of the graph.
+    graph = {name: {m for m in edges if m != "fastkvzip_press"} for name, edges in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for nxt in graph[name]:
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail, name, nxt]))
+            if nxt not in state:
+                visit(nxt, [*trail, name])
+        state[name] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [])
+
+
+def test_importing_the_core_loads_no_kvpress():
+    code = (
+        "import sys; import fastkvzip_press.gates, fastkvzip_press.eviction, fastkvzip_press.cache, "
+        "fastkvzip_press.triton; sys.exit(int('kvpress' in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def calls_in(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    return names
+
+
+def test_one_decision_function_and_one_writer_of_cache_layers_and_masked_indices():
+    selectors = {name for name, path in MODULES.items() if "select_smallest" in calls_in(path)}
+    assert selectors <= {"fastkvzip_press.eviction.decision", "fastkvzip_press.triton.select_smallest"}
+    deciders = {name for name, path in MODULES.items() if "decide" in calls_in(path)}
+    assert deciders == {
+        "fastkvzip_press.eviction.chunk_plan",  # a chunk span
+        "fastkvzip_press.presses.prefill",  # one-pass prefill
+        "fastkvzip_press.presses.decoding",  # decoding
+    }
+    layer_writers, mask_writers = set(), set()
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    text = ast.unparse(target)
+                    if ".layers[" in text:
+                        layer_writers.add(name)
+                    if text.endswith(".masked_key_indices"):
+                        mask_writers.add(name)
+    assert layer_writers == {"fastkvzip_press.cache.compaction"}
+    assert mask_writers == {"fastkvzip_press.presses.compaction"}
+
+
+def test_public_names_import_lazily_and_all_of_them_resolve():
+    for name in fastkvzip_press.__all__:
+        assert getattr(fastkvzip_press, name) is not None
+    assert set(fastkvzip_press.__all__) <= set(dir(fastkvzip_press))

@@ -1,0 +1,76 @@
+"""ragged_append: the Triton kernel against its torch reference, and the reference against a loop."""
+
+import pytest
+import torch
+from helpers import FEW, KERNEL_DEVICE, ROW_DTYPES, as_index, kernel_backend, ragged_layouts
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastkvzip_press.triton as kernels
+from fastkvzip_press.triton.ragged_append import ragged_append_reference
+
+
+@st.composite
+def appends(draw):
+    n_new = draw(st.integers(0, 6))
+    starts, lengths, _, n_rows = draw(ragged_layouts(min_room=n_new))
+    width = draw(st.sampled_from([1, 8, 16]))
+    dtype = draw(st.sampled_from((*ROW_DTYPES, torch.int64)))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    buffer = torch.randn(n_rows, width, generator=generator).mul(100).to(dtype)
+    new_rows = torch.randn(len(starts), width, n_new, generator=generator).mul(100).to(dtype)
+    new_rows = new_rows.transpose(1, 2)  # [S, t, D] and not contiguous, like the heads of a [1, H, t, D] slice
+    if width == 1 and draw(st.booleans()):
+        buffer, new_rows = buffer[:, 0], new_rows[..., 0]  # per-token data [M]
+    return buffer.to(KERNEL_DEVICE), as_index(starts), as_index(lengths), new_rows.to(KERNEL_DEVICE)
+
+
+@FEW
+@given(appends())
+def test_append_reference_matches_loop(case):
+    buffer, starts, lengths, new_rows = case
+    got, expected = buffer.clone(), buffer.clone()
+    ragged_append_reference(got, starts, lengths, new_rows)
+    for s, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        expected[start + length : start + length + new_rows.shape[1]] = new_rows[s]
+    assert torch.equal(got, expected)
+
+
+@FEW
+@given(appends())
+def test_append_triton_matches_reference(needs_triton, case):
+    buffer, starts, lengths, new_rows = case
+    got, expected = buffer.clone(), buffer.clone()
+    with kernel_backend("triton"):
+        kernels.ragged_append(got, starts, lengths, new_rows)
+    ragged_append_reference(expected, starts, lengths, new_rows)
+    assert torch.equal(got, expected)
+
+
+def test_append_writes_into_a_view(needs_triton):
+    """The buffer may be a view (here every other column of a wider tensor): the rows land in the base tensor."""
+    base = torch.zeros(10, 8, device=KERNEL_DEVICE)
+    new_rows = torch.arange(1, 13, dtype=torch.float32, device=KERNEL_DEVICE).reshape(2, 3, 2)
+    with kernel_backend("triton"):
+        kernels.ragged_append(base[:, ::2][:, :2], as_index([0, 5]), as_index([1, 0]), new_rows)
+    assert torch.equal(base[1:4, [0, 2]], new_rows[0]) and torch.equal(base[5:8, [0, 2]], new_rows[1])
+    assert int(base.count_nonzero()) == 12
+
+
+def test_append_one_dimensional_positions(needs_triton):
+    """Per-row side data such as int32 positions [M] appends like keys (the ragged cache's position buffer)."""
+    buffer = torch.full((12,), -1, dtype=torch.int32, device=KERNEL_DEVICE)
+    starts, lengths = as_index([0, 6]), as_index([2, 4])
+    new_rows = torch.tensor([[7, 8], [9, 10]], dtype=torch.int32, device=KERNEL_DEVICE)
+    expected = buffer.clone()
+    ragged_append_reference(expected, starts, lengths, new_rows)
+    with kernel_backend("triton"):
+        kernels.ragged_append(buffer, starts, lengths, new_rows)
+    assert torch.equal(buffer, expected) and expected[[2, 3, 10, 11]].tolist() == [7, 8, 9, 10]
+
+
+def test_append_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="new_rows"):
+        kernels.ragged_append(torch.zeros(8, 4), as_index([0]), as_index([0]), torch.zeros(1, 2, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        kernels.ragged_append(torch.zeros(8, 4), as_index([0]), as_index([0]), torch.zeros(1, 2, 4).half())
