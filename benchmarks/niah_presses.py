@@ -103,15 +103,15 @@ def main() -> None:
 
     if args.quiet:
         hf_logging.disable_progress_bar()
-    from transformers import pipeline
 
     from fastkvzip_press.evaluation import NeedleConfig, make_niah_samples, stdlib_paragraphs
     from fastkvzip_press.evaluation.answers import answer_rows
     from fastkvzip_press.models import load_default_model
+    from fastkvzip_press.presses.pipeline import kvpress_pipeline
 
     torch.manual_seed(0)
     model, tokenizer = load_default_model(cache_dir=args.model_cache)
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    pipe = kvpress_pipeline(model, tokenizer)
     config = NeedleConfig(context_tokens=args.context_tokens, n_needles=args.needles)
     rows = make_niah_samples(tokenizer, stdlib_paragraphs(), n_contexts=args.contexts, config=config, seed=args.seed)
     settings = {"contexts": args.contexts, "tokens": args.context_tokens, "needles": args.needles, "seed": args.seed}

@@ -23,12 +23,13 @@ def _format_bytes(n_bytes: float) -> str:
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import DynamicCache, pipeline
+    from transformers import DynamicCache
 
     from fastkvzip_press.cache import full_cache_bytes, kv_cache_bytes
     from fastkvzip_press.gates import GateBank, ModelLayout, load_gates
     from fastkvzip_press.models import load_default_model
     from fastkvzip_press.presses import FastKVzipPress
+    from fastkvzip_press.presses.pipeline import kvpress_pipeline
 
     context_path = Path(args.context_file)
     if not context_path.is_file():
@@ -70,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
         compaction=args.compaction,
         chunk_size=args.chunk_size,
     )
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    pipe = kvpress_pipeline(model, tokenizer)
     questions = args.question
 
     answers_full = None
@@ -179,13 +180,13 @@ def _export_gates(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
-    from transformers import pipeline
 
     from fastkvzip_press.evaluation.comparison import check_plan, execute_runs, make_dataset, plan_runs
     from fastkvzip_press.evaluation.registry import PressResources
     from fastkvzip_press.evaluation.report import write_report
     from fastkvzip_press.evaluation.results import RunConfig, collect_runs, is_finished
     from fastkvzip_press.models import load_model, tokenizer_folder
+    from fastkvzip_press.presses.pipeline import kvpress_pipeline
 
     out = Path(args.out)
     check_plan(args.presses, args.ratios, args.thresholds)  # bad names and values fail before the model loads
@@ -193,7 +194,7 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, args.model_cache)
     model_id = model.config.name_or_path
     tokenizer_path = tokenizer_folder(args.model, args.model_cache)
-    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    pipe = kvpress_pipeline(model, tokenizer)
     for context_length in args.data_dir:
         rows = make_dataset(
             args.dataset, tokenizer, context_length, args.samples, args.seed, tuple(args.tasks), args.haystack

@@ -7,9 +7,10 @@ from unittest import mock
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
-from transformers import DynamicCache, pipeline
+from transformers import DynamicCache
 
 from fastkvzip_press import RaggedLayer
+from fastkvzip_press.presses.pipeline import kvpress_pipeline
 from fastkvzip_press.triton import dispatch
 
 HAYSTACK = " ".join(["the grass is green and the sky is blue ."] * 12)
@@ -41,7 +42,7 @@ def greedy_after_prefill(model, tokenizer, press, context=CONTEXT, question=QUES
     return tokens, torch.cat(logits), cache
 
 
-def stored_rows_per_head(cache, layer_ids) -> float:
+def stored_pairs_per_head(cache, layer_ids) -> float:
     """Average pairs held per (gated layer, KV head)."""
     counts = []
     for layer_id in layer_ids:
@@ -72,7 +73,7 @@ def greedy_decode(model, tokenizer, press, n_steps: int, prompt: str = CONTEXT, 
 
 
 def make_pipeline(model, tokenizer):
-    return pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    return kvpress_pipeline(model, tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------- kernels

@@ -325,21 +325,8 @@ class RaggedLayer(CacheLayerMixin):
 
     # ----------------------------------------------------------------------------------------- cache contract
 
-    @property
-    def keys(self) -> RaggedView:
+    def _view(self) -> RaggedView:
         return RaggedView(self, self.logical_length)
-
-    @keys.setter
-    def keys(self, view: RaggedView | None) -> None:
-        self._assign(view)
-
-    @property
-    def values(self) -> RaggedView:
-        return RaggedView(self, self.logical_length)
-
-    @values.setter
-    def values(self, view: RaggedView | None) -> None:
-        self._assign(view)
 
     def _assign(self, view: RaggedView | None) -> None:
         if view is None and not getattr(self, "is_initialized", False):
@@ -350,6 +337,9 @@ class RaggedLayer(CacheLayerMixin):
         raise TypeError(
             "a ragged cache layer's keys/values cannot be replaced by tensors; build a new RaggedLayer instead"
         )
+
+    # ``layer.keys`` / ``layer.values``: the logical view; assigning a prefix of it back rolls the layer back.
+    keys = values = property(_view, _assign)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("a RaggedLayer is built initialised (RaggedLayer.from_dense)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -174,7 +175,7 @@ class FastKVzipDecodingPress(DecodingPress):
             hidden_states[0].detach(),
             self._strategy.rows_before(cache, layer_id, n_new),
             lambda: self._strategy.inherited_scores(cache, layer_id),
-            lambda hidden: bank.score(layer_id, hidden),
+            partial(bank.score, layer_id),
             self.compression_interval,
         )
         if unscored and not self._warned_unscored:
@@ -204,9 +205,8 @@ class FastKVzipDecodingPress(DecodingPress):
     def _compress(self, cache: Cache) -> None:
         """Enforce the budget: one decision over every gated layer's held pairs, then compaction."""
         bank = self._binding.require(type(self).__name__)
-        score = {layer_id: (lambda hidden, i=layer_id: bank.score(i, hidden)) for layer_id in self._ledgers}
         for layer_id, ledger in self._ledgers.items():
-            ledger.flush(score[layer_id])
+            ledger.flush(partial(bank.score, layer_id))
         layer_ids = list(self._ledgers)
         padded = [self._ledgers[layer_id].padded() for layer_id in layer_ids]  # per layer [H, N_l]
         width = max(scores.shape[-1] for scores, _ in padded)

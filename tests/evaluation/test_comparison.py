@@ -13,17 +13,6 @@ from fastkvzip_press.evaluation.registry import PressResources
 from fastkvzip_press.evaluation.report import markdown_table, plot_scores
 from fastkvzip_press.evaluation.results import RunConfig, collect_runs, is_finished
 from fastkvzip_press.evaluation.ruler import make_ruler_samples
-from fastkvzip_press.models import tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def rows_1k(tokenizer):
-    return make_ruler_samples(tokenizer, context_length=1024, n_samples=2, seed=5)
 
 
 def test_results_folder_names_follow_kvpress():

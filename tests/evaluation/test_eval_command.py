@@ -1,5 +1,8 @@
 """`fastkvzip-press eval`, `eval-report`, `export-dataset` and `kvpress-eval` wiring, on a saved tiny model."""
 
+import subprocess
+import sys
+
 import pytest
 
 from fastkvzip_press.cli import main
@@ -16,6 +19,16 @@ def saved_tiny(tmp_path_factory, random_gates):
     tokenizer.save_pretrained(folder / "model")
     write_native(random_gates(model, seed=2), folder / "gates")
     return folder
+
+
+def test_the_command_runs_in_a_fresh_interpreter(saved_tiny, tmp_path):
+    """As a user runs it: nothing imported kvpress beforehand (its pipeline registers on import)."""
+    args = ["-q", "eval", "--model", str(saved_tiny / "model"), "--gates", str(saved_tiny / "gates")]
+    args += ["--data-dir", "400", "--samples", "1", "--tasks", "niah_single_1", "--max-new-tokens", "1"]
+    args += ["--presses", "fastkvzip_press", "--ratios", "0.5", "--out", str(tmp_path / "runs")]
+    done = subprocess.run([sys.executable, "-m", "fastkvzip_press.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [run.press_name for run in collect_runs(tmp_path / "runs")] == ["fastkvzip_press"]
 
 
 def test_eval_command_writes_runs_and_report_then_skips(saved_tiny, tmp_path, capsys):

@@ -13,19 +13,8 @@ from fastkvzip_press.evaluation.ruler import (
     make_ruler_samples,
     ruler_metrics,
 )
-from fastkvzip_press.models import tiny_tokenizer
 
 KVPRESS_COLUMNS = {"context", "question", "answer_prefix", "answer", "task", "max_new_tokens"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def rows_1k(tokenizer):
-    return make_ruler_samples(tokenizer, context_length=1024, n_samples=2, seed=5)
 
 
 def n_tokens(tokenizer, row):

@@ -5,14 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastkvzip_press.eviction import (
-    HeadTargetBudget,
-    Protection,
-    RatioBudget,
-    SpanBudget,
-    ThresholdBudget,
-    decide,
-)
+from fastkvzip_press.eviction import HeadTargetBudget, Protection, RatioBudget, SpanBudget, ThresholdBudget, decide
 
 
 def rand(*shape, seed=0):

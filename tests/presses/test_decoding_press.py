@@ -2,7 +2,7 @@ import logging
 
 import pytest
 import torch
-from helpers import CONTEXT, QUESTIONS, greedy_decode, make_pipeline, stored_rows_per_head
+from helpers import CONTEXT, QUESTIONS, greedy_decode, make_pipeline, stored_pairs_per_head
 from kvpress import PrefillDecodingPress
 from transformers import DynamicCache
 
@@ -17,12 +17,12 @@ def test_memory_stays_within_target_plus_one_interval_over_1000_tokens(llama, ra
     peaks = []
 
     def observe(cache, step):
-        peaks.append(stored_rows_per_head(cache, gates.layer_ids))
+        peaks.append(stored_pairs_per_head(cache, gates.layer_ids))
 
     _, _, cache = greedy_decode(model, tokenizer, press, 1000, observe=observe)
     assert press.last_stats.compressions >= 1000 // 32
     assert max(peaks) <= 96 + 32  # between compressions the cache grows by at most one interval per head
-    assert stored_rows_per_head(cache, gates.layer_ids) <= 96 + 32
+    assert stored_pairs_per_head(cache, gates.layer_ids) <= 96 + 32
     assert all(isinstance(cache.layers[i], RaggedLayer) for i in gates.layer_ids)
     assert cache.get_seq_length() == tokenizer(CONTEXT, return_tensors="pt").input_ids.shape[1] + 1000
     # Bytes stay bounded too: budget + interval + spare rows, whatever the length.
@@ -59,7 +59,7 @@ def test_generate_inside_the_press_scores_the_prompt(llama, random_gates, caplog
     assert out.sequences.shape[1] == ids.shape[1] + 40
     assert press.last_stats.compressions >= 5
     assert "no gate score" not in caplog.text  # the prompt went through the press's hooks
-    assert stored_rows_per_head(out.past_key_values, gates.layer_ids) < 48 + 8 + 1
+    assert stored_pairs_per_head(out.past_key_values, gates.layer_ids) < 48 + 8 + 1
 
 
 def test_pipeline_alone_and_after_a_prefill_press(llama, random_gates, caplog):
@@ -109,12 +109,12 @@ def test_interval_one_and_ratio_mode(llama, random_gates):
     every_token = FastKVzipDecodingPress(gates=gates, compression_interval=1, target_size=30, window_size=2)
     _, _, cache = greedy_decode(model, tokenizer, every_token, 20)
     assert every_token.last_stats.compressions == 21  # the prefill, then every token
-    assert stored_rows_per_head(cache, gates.layer_ids) == 30
+    assert stored_pairs_per_head(cache, gates.layer_ids) == 30
 
     ratio = FastKVzipDecodingPress(gates=gates, compression_interval=8, compression_ratio=0.75, window_size=4)
     _, _, cache = greedy_decode(model, tokenizer, ratio, 40)
     logical = cache.get_seq_length()
-    assert stored_rows_per_head(cache, gates.layer_ids) <= int(0.25 * logical) + 8
+    assert stored_pairs_per_head(cache, gates.layer_ids) <= int(0.25 * logical) + 8
 
 
 def test_clear_errors():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import greedy_after_prefill, greedy_decode, make_pipeline, stored_rows_per_head
+from helpers import greedy_after_prefill, greedy_decode, make_pipeline, stored_pairs_per_head
 
 from fastkvzip_press import FastKVzipDecodingPress, FastKVzipPress, GateBank, ModelLayout
 from fastkvzip_press.models import load_default_model
@@ -54,7 +54,7 @@ def test_decoding_press_bounds_the_cache_on_the_default_model(default_model):
     rows = []
 
     def observe(cache, step):
-        rows.append(stored_rows_per_head(cache, range(30)))
+        rows.append(stored_pairs_per_head(cache, range(30)))
 
     tokens, _, cache = greedy_decode(model, tokenizer, press, 300, prompt=prompt, observe=observe)
     assert press.last_stats.compressions >= 300 // 32
