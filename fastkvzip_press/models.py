@@ -117,6 +117,10 @@ def load_model(name: str, cache_dir: str | Path | None = None) -> tuple[PreTrain
     if name == "default":
         logger.info("loading the default model (SmolLM2-135M-Instruct)")
         return load_default_model(cache_dir=cache_dir)
+    looks_local = Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder {name!r} does not exist; pass 'default' or a local model folder")
+    name = str(Path(name).expanduser()) if looks_local else name
     try:
         model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(name)
