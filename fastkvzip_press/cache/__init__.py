@@ -13,7 +13,6 @@ from fastkvzip_press.cache.attention import (
 )
 from fastkvzip_press.cache.compaction import (
     SCORES,
-    check_one_sequence,
     evict_from_tail,
     evict_held,
     held_rows,
@@ -28,7 +27,6 @@ __all__ = [
     "RaggedLayer",
     "RaggedView",
     "attention_implementation",
-    "check_one_sequence",
     "enable_ragged_attention",
     "evict_from_tail",
     "evict_held",

@@ -5,8 +5,9 @@ For a model loaded with implementation ``X`` (``sdpa`` or ``flash_attention_2``/
 over their own retained keys; every other layer calls ``X`` unchanged (with ``X``'s mask function), so a model
 switched to it behaves exactly as before on ordinary caches.
 
-Each KV head is one variable-length sequence; the ``t`` new query tokens sit at the end of every head's segment, so
-the causal mask is aligned bottom-right (query ``i`` sees the first ``len_h - t + i + 1`` keys of head ``h``).
+Each (sequence, KV head) segment is one variable-length sequence; the ``t`` new query tokens sit at the end of every
+segment, so the causal mask is aligned bottom-right (query ``i`` sees the first ``len - t + i + 1`` keys of its
+segment). Padding is never stored, so no padding mask is needed.
 """
 
 from __future__ import annotations
@@ -45,25 +46,78 @@ def bottom_right_causal_mask(q_len: int, k_len: int, device: torch.device) -> to
     return cols <= rows + (k_len - q_len)
 
 
-def _per_head_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None) -> torch.Tensor:
-    """SDPA over each head's contiguous slice: query ``[1, Hq, t, D]`` → ``[1, Hq, t, D]``."""
+def new_row_visibility(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+    """``[B, t, t]`` bool: which of the ``t`` rows this forward appends each new query may see (causal, not padding),
+    read from the mask transformers built for the layer (4-D sdpa or 2-D padding mask); ``None`` when a plain
+    bottom-right causal mask says it all (no padding among the new rows)."""
+    if attention_mask is None or q_len == 1:
+        return None
+    causal = bottom_right_causal_mask(q_len, q_len, attention_mask.device)
+    if attention_mask.dim() == 4:
+        block = attention_mask[:, 0, -q_len:, -q_len:]
+        block = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
+        visible = block & causal
+    else:  # 2-D padding mask
+        visible = attention_mask[:, None, -q_len:].bool() & causal
+    # Rows of padding queries see nothing in the mask; let them see themselves (their output is never used).
+    visible = visible | (~visible.any(-1, keepdim=True) & torch.eye(q_len, dtype=torch.bool, device=visible.device))
+    return None if bool((visible == causal).all()) else visible
+
+
+def _per_segment_attention(
+    query: torch.Tensor, layer: RaggedLayer, scaling: float | None, new_rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA over each segment's contiguous rows: query ``[B, Hq, t, D]`` → ``[B, Hq, t, D]``; ``new_rows [B, t, t]``
+    narrows what the queries see of the rows appended with them (padding)."""
     _, n_q_heads, q_len, _ = query.shape
     group = n_q_heads // layer.num_heads
     out = torch.empty_like(query)
     masks: dict[int, torch.Tensor] = {}
-    for head, (start, length) in enumerate(layer.segment_bounds()):
-        keys = layer.key_buffer[start : start + length].unsqueeze(0).unsqueeze(0)  # [1, 1, n_h, D]
+    for segment, (start, length) in enumerate(layer.segment_bounds()):
+        sequence, head = divmod(segment, layer.num_heads)
+        keys = layer.key_buffer[start : start + length].unsqueeze(0).unsqueeze(0)  # [1, 1, n, D]
         values = layer.value_buffer[start : start + length].unsqueeze(0).unsqueeze(0)
         mask = None
-        if q_len > 1:
+        if new_rows is not None:
+            mask = torch.ones(q_len, length, dtype=torch.bool, device=query.device)
+            mask[:, length - q_len :] = new_rows[sequence]
+        elif q_len > 1:
             if length not in masks:
                 masks[length] = bottom_right_causal_mask(q_len, length, query.device)
             mask = masks[length]
-        queries = query[:, head * group : (head + 1) * group]
-        out[:, head * group : (head + 1) * group] = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
+        heads = slice(head * group, (head + 1) * group)
+        out[sequence : sequence + 1, heads] = F.scaled_dot_product_attention(
+            query[sequence : sequence + 1, heads], keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
         )
     return out
+
+
+def _padded_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None) -> torch.Tensor:
+    """One SDPA call over all segments, each gathered into a zero-padded ``[S, L_max, D]`` block with a mask.
+
+    The gather copies the retained rows once, which costs less than one small SDPA call per segment when a batch has
+    many segments (CPU; the padded rows are masked out).
+    """
+    bsz, n_q_heads, q_len, head_dim = query.shape
+    n_segments = bsz * layer.num_heads
+    group = n_q_heads // layer.num_heads
+    lengths = layer.lengths[:, None]  # [S, 1]
+    longest = max(layer.head_lengths)
+    offsets = torch.arange(longest, device=query.device)
+    rows = (layer.starts[:, None] + offsets).clamp(max=layer.key_buffer.shape[0] - 1)  # [S, L]
+    keys = layer.key_buffer[rows].unsqueeze(1)  # [S, 1, L, D]
+    values = layer.value_buffer[rows].unsqueeze(1)
+    # Query i of a segment holding n rows sees its first n - t + i + 1 rows (bottom-right causal), none of the padding.
+    visible = offsets[None, None, :] <= lengths[:, :, None] - q_len + torch.arange(q_len, device=query.device)[:, None]
+    out = F.scaled_dot_product_attention(
+        query.reshape(n_segments, group, q_len, head_dim),
+        keys,
+        values,
+        attn_mask=visible.unsqueeze(1),  # [S, 1, t, L]
+        scale=scaling,
+        enable_gqa=True,
+    )
+    return out.reshape(bsz, n_q_heads, q_len, head_dim)
 
 
 def _varlen_available(query: torch.Tensor) -> bool:
@@ -77,14 +131,15 @@ def _varlen_available(query: torch.Tensor) -> bool:
 
 
 def _varlen_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None) -> torch.Tensor:
-    """One varlen kernel over all heads (CUDA): each KV head is a sequence, its G query heads a GQA group."""
+    """One varlen kernel over all segments (CUDA): each (sequence, KV head) is a sequence, its G query heads a GQA
+    group."""
     from torch.nn.attention.varlen import varlen_attn
 
-    _, n_q_heads, q_len, head_dim = query.shape
-    heads = layer.num_heads
-    group = n_q_heads // heads
-    packed_q = query[0].view(heads, group, q_len, head_dim).transpose(1, 2).reshape(heads * q_len, group, head_dim)
-    cu_q = torch.arange(heads + 1, device=query.device, dtype=torch.int32) * q_len
+    bsz, n_q_heads, q_len, head_dim = query.shape
+    n_segments = bsz * layer.num_heads
+    group = n_q_heads // layer.num_heads
+    packed_q = query.reshape(n_segments, group, q_len, head_dim).transpose(1, 2).reshape(-1, group, head_dim)
+    cu_q = torch.arange(n_segments + 1, device=query.device, dtype=torch.int32) * q_len
     # Segments own capacity rows; seqused_k says how many of them hold tokens.
     cu_k = torch.cat([layer.starts, layer.starts.new_tensor([layer.key_buffer.shape[0]])]).to(torch.int32)
     out = varlen_attn(
@@ -100,17 +155,38 @@ def _varlen_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | 
         enable_gqa=True,
         seqused_k=layer.lengths.to(torch.int32),
     )
-    return out.view(heads, q_len, group, head_dim).permute(1, 0, 2, 3).reshape(1, n_q_heads, q_len, head_dim)
+    out = out.view(n_segments, q_len, group, head_dim).transpose(1, 2)
+    return out.reshape(bsz, n_q_heads, q_len, head_dim)
 
 
-def ragged_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None = None) -> torch.Tensor:
-    """Attention of ``query [1, Hq, t, D]`` over a ragged layer; returns ``[1, t, Hq, D]`` (transformers' layout)."""
-    if query.shape[0] != 1:
-        raise ValueError(f"the ragged cache holds one sequence, got a batch of {query.shape[0]} queries")
-    if _varlen_available(query):
+# From this many segments on, the CPU path gathers them into one padded SDPA call instead of one call per segment.
+PADDED_MIN_SEGMENTS = 8
+
+
+def ragged_attention(
+    query: torch.Tensor,
+    layer: RaggedLayer,
+    scaling: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``query [B, Hq, t, D]`` over a ragged layer; returns ``[B, t, Hq, D]`` (transformers' layout).
+
+    The stored rows hold no padding; ``attention_mask`` (the layer's mask from transformers) only matters for padding
+    among the rows appended with these queries (a chunk of a left-padded batch).
+    """
+    if query.shape[0] != layer.batch_size:
+        raise ValueError(
+            f"the ragged cache layer holds {layer.batch_size} sequence(s), got a batch of {query.shape[0]} queries"
+        )
+    new_rows = new_row_visibility(attention_mask, query.shape[2])
+    if new_rows is not None:
+        out = _per_segment_attention(query, layer, scaling, new_rows)
+    elif _varlen_available(query):
         out = _varlen_attention(query, layer, scaling)
+    elif len(layer.head_lengths) >= PADDED_MIN_SEGMENTS and min(layer.head_lengths) > 0:
+        out = _padded_attention(query, layer, scaling)
     else:
-        out = _per_head_attention(query, layer, scaling)
+        out = _per_segment_attention(query, layer, scaling)
     return out.transpose(1, 2).contiguous()
 
 
@@ -128,7 +204,7 @@ def _make_attention(original: str) -> Callable:
         if isinstance(key, RaggedLayer):
             if kwargs.get("sliding_window") or kwargs.get("softcap"):
                 raise NotImplementedError("ragged layers support full attention without logit soft-capping only")
-            return ragged_attention(query, key, scaling), None
+            return ragged_attention(query, key, scaling, attention_mask), None
         return ALL_ATTENTION_FUNCTIONS[original](
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )

@@ -14,15 +14,6 @@ from fastkvzip_press.cache.ragged_layer import RaggedLayer
 SCORES = "scores"  # the side column of gate scores, kept for a press that evicts again later (decoding)
 
 
-def check_one_sequence(batch_size: int) -> None:
-    """The ragged cache holds one sequence today; say so, with what to do instead."""
-    if batch_size != 1:
-        raise ValueError(
-            f"ragged compaction holds one sequence per cache, got batch size {batch_size}; run sequences one at a "
-            "time (kvpress's pipeline does) or use FastKVzipPress(compaction='masked') for batches"
-        )
-
-
 def ragged_layer_ids(cache: Cache) -> list[int]:
     """Indices of the cache's layers that are ragged."""
     return [i for i, layer in enumerate(cache.layers) if isinstance(layer, RaggedLayer)]
@@ -41,56 +32,70 @@ def evict_from_tail(
     cache: Cache,
     layer_id: int,
     evicted: torch.Tensor,
-    n_tail: int,
+    tail: int | list[int],
     scores: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None,
 ) -> RaggedLayer:
-    """Evict from the undecided tail of one layer (prefill, in one pass or chunk by chunk) and store it ragged.
+    """Evict from the undecided tails of one layer (prefill, in one pass or chunk by chunk) and store it ragged.
 
-    Every head's last ``n_tail`` rows are undecided; ``evicted [B, H, n]`` (``n <= n_tail``) flags the first ``n`` of
-    them. Earlier rows stay, as does the rest of the tail. ``scores [B, H, n_tail]``, the gate scores of the tail, go
-    to the layer's :data:`SCORES` column with the rows they belong to. A dense layer (nothing decided yet, so all its
-    tokens are the tail) becomes a :class:`RaggedLayer`.
+    The last ``tail[b]`` rows of every segment of sequence ``b`` are undecided; they match the last ``tail[b]``
+    columns of ``evicted [B, H, P]``, which flags the pairs to evict (earlier rows stay). ``padding [B, P]`` marks
+    padding in the same columns: dropped as well, and counted in the layer's ``pad_tokens``. ``scores [B, H, P]``, the
+    gate scores of the same columns, go to the layer's :data:`SCORES` column with the rows they belong to. A dense
+    layer (nothing decided yet, so all its tokens are the tail) becomes a :class:`RaggedLayer`.
     """
     layer = cache.layers[layer_id]
-    bsz, heads, n_span = evicted.shape
-    tail_kept = torch.ones(bsz, heads, n_tail - n_span, dtype=torch.bool, device=evicted.device)
-    tail_keep = torch.cat([~evicted, tail_kept], dim=-1)  # [B, H, n_tail]
+    bsz, heads, n_columns = evicted.shape
+    tails = [tail] * bsz if isinstance(tail, int) else list(tail)
+    dropped = evicted if padding is None else evicted | padding[:, None, :].to(evicted.device)
+    n_pad = [0] * bsz
+    if padding is not None:
+        n_pad = [int(padding[b, n_columns - tails[b] :].sum()) for b in range(bsz)]
     if not isinstance(layer, RaggedLayer):
-        check_one_sequence(layer.keys.shape[0])
-        if layer.keys.shape[2] != n_tail:
-            raise RuntimeError(f"layer {layer_id}: dense cache of {layer.keys.shape[2]} tokens, {n_tail} undecided")
+        if layer.keys.shape[2] != n_columns or any(t != n_columns for t in tails):
+            raise RuntimeError(f"layer {layer_id}: a dense cache of {layer.keys.shape[2]} tokens, tails {tails}")
         columns = None if scores is None else {SCORES: (scores.float(), float("nan"))}
-        cache.layers[layer_id] = RaggedLayer.from_dense(layer.keys, layer.values, tail_keep, columns=columns)
+        cache.layers[layer_id] = RaggedLayer.from_dense(
+            layer.keys, layer.values, ~dropped, columns=columns, pad_tokens=n_pad
+        )
         return cache.layers[layer_id]
+    segment_tails = [tails[segment // heads] for segment in range(bsz * heads)]
     if scores is not None:
         if not layer.has_column(SCORES):
             layer.add_column(SCORES, torch.full((sum(layer.head_lengths),), float("nan")), float("nan"))
-        layer.write_column_tail(SCORES, scores)
-    tail_keep = tail_keep.reshape(-1, n_tail)
+        flat_scores = scores.reshape(bsz * heads, n_columns)
+        layer.write_column_tail(SCORES, [row[n_columns - t :] for row, t in zip(flat_scores, segment_tails)])
+    keep_columns = ~dropped.reshape(bsz * heads, n_columns)
     keep = torch.cat(
         [
-            torch.cat([torch.ones(length - n_tail, dtype=torch.bool, device=evicted.device), segment_keep])
-            for length, segment_keep in zip(layer.head_lengths, tail_keep)
+            torch.cat([torch.ones(length - t, dtype=torch.bool, device=evicted.device), flags[n_columns - t :]])
+            for length, t, flags in zip(layer.head_lengths, segment_tails, keep_columns)
         ]
     )
     layer.compact(keep.to(layer.device))
+    layer.pad_tokens = [before + now for before, now in zip(layer.pad_tokens, n_pad)]
     return layer
 
 
-def evict_held(cache: Cache, layer_id: int, evicted: torch.Tensor) -> RaggedLayer:
+def evict_held(cache: Cache, layer_id: int, evicted: torch.Tensor, padding: torch.Tensor | None = None) -> RaggedLayer:
     """Evict among all the rows each head holds (decoding) and store the layer ragged.
 
     ``evicted [B, H, N]`` flags, for every head, its held rows in order (entries past a head's held count are
-    ignored). The layer tracks positions from now on, so rolling an answer back stays exact although its tokens are
-    no longer a uniform tail.
+    ignored). ``padding [B, T]`` marks the padding of a dense layer's tokens, dropped as it becomes ragged (a ragged
+    layer holds none). The layer tracks positions from now on, so rolling an answer back stays exact although its
+    tokens are no longer a uniform tail.
     """
     layer = cache.layers[layer_id]
     bsz, heads, _ = evicted.shape
     if not isinstance(layer, RaggedLayer):
-        check_one_sequence(bsz)
         n_tokens = layer.keys.shape[2]
         keep = ~evicted[..., :n_tokens].to(layer.keys.device)
-        cache.layers[layer_id] = RaggedLayer.from_dense(layer.keys, layer.values, keep, track_positions=True)
+        if padding is not None:
+            keep &= ~padding[:, None, :n_tokens].to(keep.device)
+        n_pad = [0] * bsz if padding is None else padding[:, :n_tokens].sum(-1).tolist()
+        cache.layers[layer_id] = RaggedLayer.from_dense(
+            layer.keys, layer.values, keep, track_positions=True, pad_tokens=n_pad
+        )
         return cache.layers[layer_id]
     flags = evicted.reshape(bsz * heads, -1)
     keep = torch.cat([~flags[segment, :length] for segment, length in enumerate(layer.head_lengths)])

@@ -12,7 +12,9 @@ sequence length (every token ever appended, evicted or not) so that positions, `
 dense layers stay what they would be without eviction. ``update`` returns the layer itself instead of key/value
 tensors: only the attention function registered by :mod:`fastkvzip_press.cache.attention` consumes it.
 
-Storage holds one sequence today (``batch_size == 1``); the segment index is already per (sequence, head).
+A batch holds B sequences: padding is never stored, each sequence counts the padding it had (``pad_tokens``) so its
+own length is known, and transformers' batch cache API (beam search, ``num_return_sequences``) reorders, selects or
+repeats whole sequences.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ class RaggedLayer(CacheLayerMixin):
     Attributes:
         key_buffer, value_buffer: ``[M, D]``, all segments' rows (retained tokens and spare room).
         starts, lengths, capacities: ``[B * H]`` int64 on the buffers' device (segment start, used rows, owned rows).
-        logical_length: tokens appended over the layer's life, evicted or not (what ``get_seq_length`` reports).
+        logical_length: tokens appended over the layer's life, evicted or not, padding included (what
+            ``get_seq_length`` reports: the batch's common length).
+        pad_tokens: per sequence, padding positions of its logical length (never stored).
         spare_tokens: spare rows given to every segment whenever the layer is (re)built.
         columns: side columns ``{name: [M]}`` laid out like the buffers; appended rows get the column's fill value,
             except :data:`POSITIONS` (see :meth:`track_positions`), which gets each new row's logical position.
@@ -98,9 +102,12 @@ class RaggedLayer(CacheLayerMixin):
         logical_length: int,
         spare_tokens: int = DEFAULT_SPARE_TOKENS,
         batch_size: int = 1,
+        pad_tokens: list[int] | None = None,
     ):
         if starts.shape[0] % batch_size:
             raise ValueError(f"{starts.shape[0]} segments do not split into {batch_size} sequences")
+        if pad_tokens is not None and len(pad_tokens) != batch_size:
+            raise ValueError(f"pad_tokens needs one count per sequence ({batch_size}), got {pad_tokens}")
         self.is_initialized = True
         self.key_buffer, self.value_buffer = key_buffer, value_buffer
         self.starts, self.lengths, self.capacities = starts, lengths, capacities
@@ -109,6 +116,7 @@ class RaggedLayer(CacheLayerMixin):
         self.logical_length = logical_length
         self.spare_tokens = spare_tokens
         self.batch_size = batch_size
+        self.pad_tokens: list[int] = list(pad_tokens) if pad_tokens is not None else [0] * batch_size
         self.columns: dict[str, torch.Tensor] = {}
         self._fill: dict[str, float] = {}
         # Tokens appended to every segment since the last eviction: only these can be rolled back by truncation.
@@ -126,18 +134,15 @@ class RaggedLayer(CacheLayerMixin):
         spare_tokens: int = DEFAULT_SPARE_TOKENS,
         track_positions: bool = False,
         columns: dict[str, tuple[torch.Tensor, float]] | None = None,
+        pad_tokens: list[int] | None = None,
     ) -> RaggedLayer:
         """Build from dense ``keys``/``values [B, H, T, D]`` keeping the pairs where ``keep [B, H, T]`` is True.
 
         ``track_positions`` also stores every row's logical position. ``columns`` adds side columns
-        ``{name: (values [B, H, T], fill)}``, compacted in the same call as keys and values.
+        ``{name: (values [B, H, T], fill)}``, compacted in the same call as keys and values. ``pad_tokens`` counts each
+        sequence's padding among the ``T`` positions (its ``keep`` is False there).
         """
         bsz, heads, n_tokens, head_dim = keys.shape
-        if bsz != 1:
-            raise ValueError(
-                f"the ragged cache holds one sequence, got batch size {bsz}; run one sequence at a time "
-                "or use FastKVzipPress(compaction='masked') for batches"
-            )
         n_segments = bsz * heads
         starts = torch.arange(n_segments, device=keys.device, dtype=torch.int64) * n_tokens
         lengths = torch.full((n_segments,), n_tokens, device=keys.device, dtype=torch.int64)
@@ -162,6 +167,7 @@ class RaggedLayer(CacheLayerMixin):
             n_tokens,
             spare_tokens,
             batch_size=bsz,
+            pad_tokens=pad_tokens,
         )
         for name, fill, column in zip(names, fills, side):
             layer.columns[name] = column
@@ -173,6 +179,11 @@ class RaggedLayer(CacheLayerMixin):
     @property
     def num_heads(self) -> int:
         return len(self._lengths_host) // self.batch_size
+
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """Each sequence's own logical length: its tokens appended over the layer's life, padding excluded."""
+        return [self.logical_length - pad for pad in self.pad_tokens]
 
     @property
     def head_dim(self) -> int:
@@ -255,16 +266,18 @@ class RaggedLayer(CacheLayerMixin):
         self.columns.pop(name, None)
         self._fill.pop(name, None)
 
-    def write_column_tail(self, name: str, values: torch.Tensor) -> None:
-        """Set column ``name`` of every segment's last ``t`` retained rows from ``values [B, H, t]``."""
-        n = values.shape[-1]
-        if n == 0:
+    def write_column_tail(self, name: str, values: torch.Tensor | list[torch.Tensor]) -> None:
+        """Set column ``name`` of every segment's last retained rows: ``values [B, H, t]`` (the same ``t`` rows of
+        each segment) or one tensor per segment, in segment order."""
+        per_segment = list(values.reshape(-1, values.shape[-1])) if isinstance(values, torch.Tensor) else values
+        index = [
+            torch.arange(start + length - tail.shape[0], start + length, device=self.device)
+            for (start, length), tail in zip(self.segment_bounds(), per_segment)
+        ]
+        if not index:
             return
-        bounds = self.segment_bounds()
-        index = torch.cat(
-            [torch.arange(start + length - n, start + length, device=self.device) for start, length in bounds]
-        )
-        self.columns[name][index] = values.reshape(-1).to(self.columns[name].dtype).to(self.device)
+        column = self.columns[name]
+        column[torch.cat(index)] = torch.cat(list(per_segment)).to(device=self.device, dtype=column.dtype)
 
     def column_bytes(self) -> int:
         """Bytes of the side columns other than positions (annotations such as gate scores)."""
@@ -457,13 +470,37 @@ class RaggedLayer(CacheLayerMixin):
         self.logical_length = 0
         self._uniform_tail = 0
 
-    def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError(
-            "beam search and batch expansion are not supported on a ragged cache layer; "
-            "use FastKVzipPress(compaction='masked') for them"
-        )
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: sequence ``i`` becomes a copy of sequence ``beam_idx[i]``."""
+        self._take_sequences(beam_idx)
 
-    reorder_cache = batch_repeat_interleave = batch_select_indices = _unsupported
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the sequences ``indices``, in that order."""
+        self._take_sequences(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every sequence ``repeats`` times in place (``num_return_sequences``, beams after the prefill)."""
+        self._take_sequences(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
+
+    def _take_sequences(self, index: torch.Tensor) -> None:
+        """Rebuild the layer from the sequences ``index [B']`` of this one (each segment with its spare rows)."""
+        index = torch.as_tensor(index, device=self.device).long().reshape(-1)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.batch_size):
+            raise IndexError(f"sequence indices {index.tolist()} outside the layer's {self.batch_size} sequences")
+        heads = self.num_heads
+        segments = (index[:, None] * heads + torch.arange(heads, device=self.device)).reshape(-1)
+        capacities = self.capacities[segments]
+        new_starts = capacities.cumsum(0) - capacities
+        offsets = torch.arange(int(capacities.sum()), device=self.device)
+        rows = torch.repeat_interleave(self.starts[segments] - new_starts, capacities) + offsets
+        self.key_buffer = self.key_buffer.index_select(0, rows)
+        self.value_buffer = self.value_buffer.index_select(0, rows)
+        self.columns = {name: column.index_select(0, rows) for name, column in self.columns.items()}
+        self.starts, self.lengths, self.capacities = new_starts, self.lengths[segments], capacities
+        self._lengths_host = self.lengths.tolist()
+        self._capacities_host = capacities.tolist()
+        self.pad_tokens = [self.pad_tokens[i] for i in index.tolist()]
+        self.batch_size = index.numel()
 
     def __repr__(self) -> str:
         return (

@@ -3,7 +3,7 @@
 Core package: plain tensors in and out; imports neither kvpress, transformers nor the presses.
 """
 
-from fastkvzip_press.eviction.chunk_plan import ChunkPlan, span_budget
+from fastkvzip_press.eviction.chunk_plan import ChunkPlan, TailEviction, span_budget
 from fastkvzip_press.eviction.decision import (
     Budget,
     Decision,
@@ -24,6 +24,7 @@ __all__ = [
     "HeadTargetBudget",
     "Protection",
     "RatioBudget",
+    "TailEviction",
     "SpanBudget",
     "ThresholdBudget",
     "decide",

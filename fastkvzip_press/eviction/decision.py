@@ -37,15 +37,16 @@ class Protection:
         window: the row's last pairs: an int counts pairs (0 = none); a float in (0, 1) is a fraction of the row's
             own length, at least one pair.
         offset: own index of the first candidate when earlier pairs of the row were decided before (a chunk span
-            starts after them), so that sinks protect only the row's very first pairs.
+            starts after them), so that sinks protect only the row's very first pairs; one value, or one per sequence.
     """
 
     n_sink: int = 0
     window: int | float = 0
-    offset: int = 0
+    offset: int | tuple[int, ...] = 0
 
     def __post_init__(self):
-        if self.n_sink < 0 or self.offset < 0:
+        offsets = self.offset if isinstance(self.offset, tuple) else (self.offset,)
+        if self.n_sink < 0 or any(offset < 0 for offset in offsets):
             raise ValueError(f"n_sink and offset must be >= 0, got {self.n_sink} and {self.offset}")
         if isinstance(self.window, float) and not 0 < self.window < 1:
             raise ValueError(f"a float window is a fraction of the context in (0, 1), got {self.window}")
@@ -70,10 +71,14 @@ class Protection:
         return window
 
     def mask(self, valid: torch.Tensor) -> torch.Tensor:
-        """Protected pairs ``[..., N]`` (bool) of rows whose existing pairs are ``valid [..., N]``."""
+        """Protected pairs ``[..., N]`` (bool) of rows whose existing pairs are ``valid [..., N]``; per-sequence
+        offsets need rows laid out ``[L, B, H, N]``."""
         own = valid.cumsum(-1) - 1  # index of each pair among its row's pairs
         length = valid.sum(-1, keepdim=True)
-        protected = own + self.offset < self.n_sink
+        offset = self.offset
+        if isinstance(offset, tuple):
+            offset = torch.tensor(offset, device=valid.device).view(1, -1, 1, 1)
+        protected = own + offset < self.n_sink
         if isinstance(self.window, float):
             # float64 like Python's int(fraction * length), at least one pair
             window = (length.double() * self.window).floor().long().clamp(min=1)
@@ -104,17 +109,24 @@ class RatioBudget:
 
 @dataclass(frozen=True)
 class SpanBudget:
-    """Keep ``keep_fraction`` of a chunk span's unprotected pairs (the chunk plan's adjusted budget)."""
+    """Keep ``keep_fraction`` of a chunk span's unprotected pairs (the chunk plan's adjusted budget); one fraction,
+    or one per sequence."""
 
-    keep_fraction: float
+    keep_fraction: float | tuple[float, ...]
     layerwise: bool = False
 
     def __post_init__(self):
-        if not 0 <= self.keep_fraction <= 1:
+        fractions = self.keep_fraction if isinstance(self.keep_fraction, tuple) else (self.keep_fraction,)
+        if any(not 0 <= fraction <= 1 for fraction in fractions):
             raise ValueError(f"keep_fraction must be in [0, 1], got {self.keep_fraction}")
 
+    def fraction(self, sequence: int) -> float:
+        if isinstance(self.keep_fraction, tuple):
+            return self.keep_fraction[sequence]
+        return self.keep_fraction
+
     def pairs_to_evict(self, pairs: int, evictable: int, heads: int, sequence: int) -> int:
-        return evictable - round(evictable * self.keep_fraction)
+        return evictable - round(evictable * self.fraction(sequence))
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,18 @@ class EvictionStats:
     """Outcome of one prefill eviction.
 
     Attributes:
-        context_length: T, tokens in the prefilled context.
+        context_length: T, positions of the prefilled context (padding included for a padded batch).
         kept_per_head: ``{layer_id: LongTensor [B, H]}`` pairs retained by each gated layer's heads.
-        pairs_per_layer: ``B * H * T`` pairs per layer before eviction.
+        pairs_per_layer: pairs per layer before eviction, padding excluded (``H * T`` per sequence).
         num_layers: all decoder layers, gated or not (ungated layers keep everything).
+        sequence_lengths: each sequence's own tokens (``T`` minus its padding); ``None``: all ``T``.
     """
 
     context_length: int
     kept_per_head: dict[int, torch.Tensor]
     pairs_per_layer: int
     num_layers: int
+    sequence_lengths: list[int] | None = None
 
     @property
     def total_pairs(self) -> int:
@@ -55,8 +57,11 @@ class EvictionStats:
         return 1.0 - self.gated_kept / self.gated_pairs if self.gated_pairs else 0.0
 
     def head_retention(self) -> torch.Tensor:
-        """Fraction of the context each (gated layer, sequence, KV head) retained, ``[L, B, H]`` float."""
-        return torch.stack([kept.float() for kept in self.kept_per_head.values()]) / self.context_length
+        """Fraction of its sequence's tokens each (gated layer, sequence, KV head) retained, ``[L, B, H]`` float."""
+        kept = torch.stack([kept.float() for kept in self.kept_per_head.values()])
+        if self.sequence_lengths is None:
+            return kept / self.context_length
+        return kept / torch.tensor(self.sequence_lengths, dtype=torch.float32).view(1, -1, 1)
 
     # Names before v0.5 ("entries" for pairs).
     entries_per_layer = property(lambda self: self.pairs_per_layer)

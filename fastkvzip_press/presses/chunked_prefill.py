@@ -4,6 +4,9 @@ kvpress's pipeline prefills with one ``model.model(input_ids=context)`` call and
 ``model(input_ids)`` call. A forward pre-hook on the base model runs every chunk but the last through the model itself
 (its own calls pass through), then hands the last chunk to the original call, whose output therefore covers the last
 chunk only. A forward hook that runs even when a chunk raises closes the plan. Nothing of the model is replaced.
+
+The plan says where forwards end (:meth:`~fastkvzip_press.eviction.ChunkPlan.chunk_ends`): every sequence of a
+left-padded batch is chunked in its own tokens, as it would be alone.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache, PreTrainedModel
@@ -21,7 +25,8 @@ from fastkvzip_press.eviction import ChunkPlan
 class ChunkedPrefill:
     """Chunk the prefills of ``model``'s base model into ``chunk_size``-token forwards while attached.
 
-    ``start(context_length)`` returns the :class:`~fastkvzip_press.eviction.ChunkPlan` of a prefill; the plan's
+    ``start(context_length, padding)`` returns the :class:`~fastkvzip_press.eviction.ChunkPlan` of a prefill
+    (``padding [B, T]`` from the 2-D attention mask, or ``None``); the plan's
     ``chunk_end`` is set before every chunk; ``finish()`` runs once the prefill ends, also on error. Inputs that are
     short, given as embeddings, or that extend a cache already holding tokens (questions, decoding) pass unchanged.
     """
@@ -30,7 +35,7 @@ class ChunkedPrefill:
         self,
         model: PreTrainedModel,
         chunk_size: int,
-        start: Callable[[int], ChunkPlan],
+        start: Callable[[int, torch.Tensor | None], ChunkPlan],
         finish: Callable[[], None],
     ):
         self.model = model
@@ -78,7 +83,8 @@ class ChunkedPrefill:
         if cache is None:
             kwargs["past_key_values"] = DynamicCache(config=self.model.config)
         n_tokens = input_ids.shape[1]
-        plan = self.start(n_tokens)
+        padding = None if attention_mask is None else attention_mask[:, -n_tokens:] == 0
+        plan = self.start(n_tokens, padding)
 
         def chunk(begin: int, end: int) -> dict[str, Any]:
             plan.chunk_end = end
@@ -90,14 +96,14 @@ class ChunkedPrefill:
                 "cache_position": None if cache_position is None else cache_position[begin:end],
             }
 
-        last = (n_tokens - 1) // self.chunk_size * self.chunk_size
+        ends = plan.chunk_ends()
         self._inside = True
         try:
-            for begin in range(0, last, self.chunk_size):
-                module(*args, **chunk(begin, begin + self.chunk_size))
+            for begin, end in zip([0, *ends[:-2]], ends[:-1]):
+                module(*args, **chunk(begin, end))
         finally:
             self._inside = False
-        return args, chunk(last, n_tokens)
+        return args, chunk(ends[-2] if len(ends) > 1 else 0, n_tokens)
 
     def _close(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         if not self._inside:

@@ -17,35 +17,32 @@ from transformers import Cache, PreTrainedModel
 
 from fastkvzip_press.cache import compaction as cache_compaction
 from fastkvzip_press.cache.attention import enable_ragged_attention
+from fastkvzip_press.eviction import TailEviction
 
 
 class Compaction:
     """Applies one layer's eviction decisions to a cache (and to the layer's attention module, for masking)."""
 
     name = ""
+    drops_padding = False  # whether padding leaves the cache when a layer is first compacted
 
     def prepare(self, model: PreTrainedModel) -> None:
         """Set the model up before the first decision (called when a press is entered)."""
 
-    def evict_tail(
-        self,
-        cache: Cache,
-        module: nn.Module,
-        layer_id: int,
-        evicted: torch.Tensor,
-        n_tail: int,
-        scores: torch.Tensor,
-    ) -> None:
-        """Prefill: every head's last ``n_tail`` tokens are undecided; ``evicted [B, H, n]`` flags the first ``n`` of
-        them, whose gate scores (of the whole tail) are ``scores [B, H, n_tail]``."""
+    def evict_tail(self, cache: Cache, module: nn.Module, layer_id: int, tail: TailEviction) -> None:
+        """Prefill: apply one layer's decision over the undecided tails of its sequences (see
+        :class:`~fastkvzip_press.eviction.TailEviction`)."""
         raise NotImplementedError
 
     def rows_before(self, cache: Cache, layer_id: int, n_new: int) -> list[int]:
         """Decoding: pairs each (sequence, head) held before this forward appended ``n_new`` tokens."""
         raise NotImplementedError
 
-    def evict_held(self, cache: Cache, module: nn.Module, layer_id: int, evicted: torch.Tensor) -> None:
-        """Decoding: ``evicted [B, H, N]`` flags, for every head, its held pairs in order."""
+    def evict_held(
+        self, cache: Cache, module: nn.Module, layer_id: int, evicted: torch.Tensor, padding: torch.Tensor | None
+    ) -> None:
+        """Decoding: ``evicted [B, H, N]`` flags, for every head, its held pairs in order; ``padding [B, N]`` marks
+        the held pairs that are padding (only a dense layer holds any)."""
         raise NotImplementedError
 
     def inherited_scores(self, cache: Cache, layer_id: int) -> list[torch.Tensor] | None:
@@ -60,18 +57,19 @@ class RaggedCompaction(Compaction):
     """Evicted pairs are freed: gated layers move to head-wise ragged storage."""
 
     name = "ragged"
+    drops_padding = True
 
     def prepare(self, model: PreTrainedModel) -> None:
         enable_ragged_attention(model)
 
-    def evict_tail(self, cache, module, layer_id, evicted, n_tail, scores) -> None:
-        cache_compaction.evict_from_tail(cache, layer_id, evicted, n_tail, scores)
+    def evict_tail(self, cache, module, layer_id, tail) -> None:
+        cache_compaction.evict_from_tail(cache, layer_id, tail.evicted, tail.tail, tail.scores, tail.padding)
 
     def rows_before(self, cache, layer_id, n_new) -> list[int]:
         return [n - n_new for n in cache_compaction.held_rows(cache, layer_id)]
 
-    def evict_held(self, cache, module, layer_id, evicted) -> None:
-        cache_compaction.evict_held(cache, layer_id, evicted)
+    def evict_held(self, cache, module, layer_id, evicted, padding) -> None:
+        cache_compaction.evict_held(cache, layer_id, evicted, padding)
 
     def inherited_scores(self, cache, layer_id) -> list[torch.Tensor] | None:
         return cache_compaction.take_scores(cache, layer_id)
@@ -88,10 +86,12 @@ class MaskedCompaction(Compaction):
     def __init__(self) -> None:
         self._alive: dict[int, torch.Tensor] = {}
 
-    def evict_tail(self, cache, module, layer_id, evicted, n_tail, scores) -> None:
-        if evicted.shape[-1] != n_tail or cache.layers[layer_id].keys.shape[2] != n_tail:
+    def evict_tail(self, cache, module, layer_id, tail) -> None:
+        n_tokens = tail.evicted.shape[-1]
+        if any(t != n_tokens for t in tail.tail) or cache.layers[layer_id].keys.shape[2] != n_tokens:
             raise ValueError("masked compaction decides a whole dense prefill at once; chunked prefill needs 'ragged'")
-        module.masked_key_indices = torch.nonzero(evicted, as_tuple=True)
+        # Padding stays in the dense cache, masked by the attention mask as it was.
+        module.masked_key_indices = torch.nonzero(tail.evicted, as_tuple=True)
 
     def rows_before(self, cache, layer_id, n_new) -> list[int]:
         bsz, heads, n_tokens = cache.layers[layer_id].keys.shape[:3]
@@ -102,7 +102,7 @@ class MaskedCompaction(Compaction):
         alive = self._alive[layer_id] = alive[..., :n_before]  # a rollback forgets the decisions after it
         return (alive.sum(-1) + (n_before - alive.shape[-1])).reshape(-1).tolist()
 
-    def evict_held(self, cache, module, layer_id, evicted) -> None:
+    def evict_held(self, cache, module, layer_id, evicted, padding) -> None:
         bsz, heads, n_tokens = cache.layers[layer_id].keys.shape[:3]
         alive = self._alive.get(layer_id)
         if alive is None:

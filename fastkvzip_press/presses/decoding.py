@@ -13,15 +13,18 @@ from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
-from fastkvzip_press.cache import attention_implementation, check_one_sequence
+from fastkvzip_press.cache import attention_implementation
 from fastkvzip_press.eviction import HeadTargetBudget, Protection, decide
 from fastkvzip_press.gates import GateBank, GateSource, decoder_layers
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
 from fastkvzip_press.presses.gate_binding import GateBinding
+from fastkvzip_press.presses.padding import key_padding
 from fastkvzip_press.presses.score_ledger import ScoreLedger
 from fastkvzip_press.presses.scorer import FastKVzipScorerPress
 
 logger = logging.getLogger(__name__)
+
+NO_LIMIT = 2**62  # the target of a sequence whose interval has not come yet
 
 
 @dataclass
@@ -103,7 +106,9 @@ class FastKVzipDecodingPress(DecodingPress):
     _attention: dict[int, nn.Module] = field(default_factory=dict, init=False, repr=False)
     _ledgers: dict[int, ScoreLedger] = field(default_factory=dict, init=False, repr=False)
     _cache_id: int | None = field(default=None, init=False, repr=False)
-    _new_tokens: int = field(default=0, init=False, repr=False)
+    # Per sequence: its own tokens since its last compression, and the padding it came with.
+    _new_tokens: list[int] = field(default_factory=list, init=False, repr=False)
+    _pad_tokens: list[int] = field(default_factory=list, init=False, repr=False)
     _warned_unscored: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
@@ -152,7 +157,8 @@ class FastKVzipDecodingPress(DecodingPress):
         super().reset()
         self._ledgers.clear()
         self._cache_id = None
-        self._new_tokens = 0
+        self._new_tokens = []
+        self._pad_tokens = []
         if self._strategy is not None:
             self._strategy.reset(self._attention)
 
@@ -164,19 +170,21 @@ class FastKVzipDecodingPress(DecodingPress):
         if not bank.has_layer(layer_id):
             return output
         hidden_states, cache = kwargs["hidden_states"], kwargs["past_key_values"]
-        check_one_sequence(hidden_states.shape[0])
+        bsz, n_new = hidden_states.shape[:2]
         if id(cache) != self._cache_id:  # a new generation: forget the previous cache's scores
             self.reset()
             self._cache_id = id(cache)
             self.last_stats = DecodingStats()
-        n_new = hidden_states.shape[1]
+            self._new_tokens, self._pad_tokens = [0] * bsz, [0] * bsz
+        padding = key_padding(kwargs.get("attention_mask"), n_new)  # [B, t]: padding among the new tokens
         ledger = self._ledgers.setdefault(layer_id, ScoreLedger())
         unscored = ledger.record(
-            hidden_states[0].detach(),
+            hidden_states.detach(),
             self._strategy.rows_before(cache, layer_id, n_new),
             lambda: self._strategy.inherited_scores(cache, layer_id),
             partial(bank.score, layer_id),
             self.compression_interval,
+            None if padding is None else ~padding,
         )
         if unscored and not self._warned_unscored:
             self._warned_unscored = True
@@ -188,10 +196,13 @@ class FastKVzipDecodingPress(DecodingPress):
                 layer_id,
             )
         if layer_id == bank.layer_ids[-1]:
-            self._new_tokens += n_new
-            if self._new_tokens >= self.compression_interval:
-                self._new_tokens = 0
-                self._compress(cache)
+            pads = [0] * bsz if padding is None else padding.sum(-1).tolist()
+            self._pad_tokens = [before + now for before, now in zip(self._pad_tokens, pads)]
+            self._new_tokens = [count + n_new - pad for count, pad in zip(self._new_tokens, pads)]
+            due = [count >= self.compression_interval for count in self._new_tokens]
+            if any(due):  # each sequence counts its own tokens, as it would alone
+                self._new_tokens = [0 if now else count for count, now in zip(self._new_tokens, due)]
+                self._compress(cache, due)
         return output
 
     # -------------------------------------------------------------------------------------------------- evict
@@ -202,34 +213,48 @@ class FastKVzipDecodingPress(DecodingPress):
             return int((1 - self.compression_ratio) * logical_length)
         return self.target_size
 
-    def _compress(self, cache: Cache) -> None:
-        """Enforce the budget: one decision over every gated layer's held pairs, then compaction."""
+    def _compress(self, cache: Cache, due: list[bool]) -> None:
+        """Enforce the budget of the ``due`` sequences: one decision over every gated layer's held pairs (each
+        sequence its own budget), then compaction."""
         bank = self._binding.require(type(self).__name__)
         for layer_id, ledger in self._ledgers.items():
             ledger.flush(partial(bank.score, layer_id))
         layer_ids = list(self._ledgers)
-        padded = [self._ledgers[layer_id].padded() for layer_id in layer_ids]  # per layer [H, N_l]
-        width = max(scores.shape[-1] for scores, _ in padded)
-        scores = torch.stack([nn.functional.pad(s, (0, width - s.shape[-1])) for s, _ in padded])[:, None]
-        valid = torch.stack([nn.functional.pad(v, (0, width - v.shape[-1])) for _, v in padded])[:, None]
-        n_held, n_slots = int(valid.sum()), valid.shape[0] * valid.shape[2]
-        target = self.budget_per_head(cache.layers[layer_ids[0]].get_seq_length())
+        bsz = len(due)
+        padded = [self._ledgers[layer_id].padded() for layer_id in layer_ids]  # per layer [B * H, N_l]
+        width = max(scores.shape[-1] for scores, _, _ in padded)
+
+        def stack(index: int) -> torch.Tensor:  # [L, B, H, width]
+            parts = [nn.functional.pad(part[index], (0, width - part[index].shape[-1])) for part in padded]
+            return torch.stack(parts).view(len(layer_ids), bsz, -1, width)
+
+        scores, held, real = stack(0), stack(1), stack(2)
+        valid = held & real
+        n_held, n_slots = int(valid.sum()), valid.shape[0] * valid.shape[1] * valid.shape[2]
+        logical = cache.layers[layer_ids[0]].get_seq_length()
+        targets = tuple(
+            self.budget_per_head(logical - pad) if now else NO_LIMIT for now, pad in zip(due, self._pad_tokens)
+        )
         stats = self.last_stats
         stats.peak_pairs_per_head = max(stats.peak_pairs_per_head, n_held / n_slots)
         stats.pairs_per_head = n_held / n_slots
-        decision = decide(scores, HeadTargetBudget(target), Protection(self.n_sink, self.window_size), valid)
+        decision = decide(scores, HeadTargetBudget(targets), Protection(self.n_sink, self.window_size), valid)
         if not decision.met:
+            target = min(t for t, short in zip(targets, decision.shortfall) if short)
             raise ValueError(
                 f"the budget of {target} pairs per head cannot be met: n_sink={self.n_sink} and "
                 f"window_size={self.window_size} protect too much; lower them or raise the budget"
             )
-        n_evicted = decision.evicted_per_sequence[0]
+        n_evicted = sum(decision.evicted_per_sequence)
         if n_evicted == 0:
             return
-        for layer_id, layer_evicted in zip(layer_ids, decision.evicted):
-            self._strategy.evict_held(cache, self._attention[layer_id], layer_id, layer_evicted)
-            self._ledgers[layer_id].keep(~layer_evicted.reshape(-1, width))
+        for layer_id, layer_evicted, layer_held, layer_real in zip(layer_ids, decision.evicted, held, real):
+            held_padding = layer_held & ~layer_real  # [B, H, width]
+            padding = held_padding[:, 0] if bool(held_padding.any()) else None  # the same tokens in every head
+            self._strategy.evict_held(cache, self._attention[layer_id], layer_id, layer_evicted, padding)
+            dropped = layer_evicted | held_padding if self._strategy.drops_padding else layer_evicted
+            self._ledgers[layer_id].keep(~dropped.reshape(-1, width))
         stats.compressions += 1
         stats.evicted += n_evicted
         stats.pairs_per_head = (n_held - n_evicted) / n_slots
-        logger.debug("decoding eviction: %d of %d pairs, budget %d per head", n_evicted, n_held, target)
+        logger.debug("decoding eviction: %d of %d pairs, budgets %s per head", n_evicted, n_held, targets)

@@ -14,11 +14,20 @@ from torch import nn
 from transformers import Cache, PreTrainedModel
 
 from fastkvzip_press.cache import attention_implementation
-from fastkvzip_press.eviction import ChunkPlan, EvictionStats, Protection, RatioBudget, ThresholdBudget, decide
+from fastkvzip_press.eviction import (
+    ChunkPlan,
+    EvictionStats,
+    Protection,
+    RatioBudget,
+    TailEviction,
+    ThresholdBudget,
+    decide,
+)
 from fastkvzip_press.gates import GateBank, GateSource, ModelLayout, decoder_layers
 from fastkvzip_press.presses.chunked_prefill import ChunkedPrefill
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
 from fastkvzip_press.presses.gate_binding import GateBinding
+from fastkvzip_press.presses.padding import key_padding
 
 logger = logging.getLogger(__name__)
 
@@ -192,34 +201,40 @@ class FastKVzipPress(BasePress):
             if chunked:
                 self._evict_chunk(kwargs["past_key_values"])
             else:
-                self._evict(kwargs["past_key_values"])
+                self._evict(kwargs["past_key_values"], kwargs.get("attention_mask"))
         return output
 
     # ---------------------------------------------------------------------------------------------- one pass
 
-    def _evict(self, cache: Cache) -> None:
-        """Decide the whole context at once, over every gated layer, and apply the decision."""
+    def _evict(self, cache: Cache, attention_mask: torch.Tensor | None) -> None:
+        """Decide the whole context at once, over every gated layer, and apply the decision. Padding of a batch
+        (read from the attention mask) is neither counted nor kept."""
         layer_ids = list(self._attention)
         scores = torch.stack([self._scores.pop(layer_id) for layer_id in layer_ids])  # [L, B, H, T]
         n_tokens = scores.shape[-1]
+        padding = key_padding(attention_mask, n_tokens)  # [B, T] or None
+        lengths = [n_tokens] * scores.shape[1] if padding is None else (n_tokens - padding.sum(-1)).tolist()
         protection = self._protection()
-        protection.require_room(n_tokens)
-        decision = decide(scores, self._budget(), protection)
+        for length in lengths:
+            protection.require_room(length)
+        valid = None if padding is None else ~padding[None, :, None, :]
+        decision = decide(scores, self._budget(), protection, valid)
         if not decision.met:
             logger.warning(
                 "compression_ratio %.3f cannot be met: sink and window protect too much of a %d-token context",
                 self.compression_ratio,
-                n_tokens,
+                min(length for length, short in zip(lengths, decision.shortfall) if short),
             )
         for layer_id, layer_evicted, layer_scores in zip(layer_ids, decision.evicted, scores):
-            self._strategy.evict_tail(cache, self._attention[layer_id], layer_id, layer_evicted, n_tokens, layer_scores)
-        self._record_stats(n_tokens, dict(zip(layer_ids, decision.kept)))
+            tail = TailEviction.whole(layer_evicted, padding, layer_scores)
+            self._strategy.evict_tail(cache, self._attention[layer_id], layer_id, tail)
+        self._record_stats(n_tokens, dict(zip(layer_ids, decision.kept)), lengths)
         logger.debug("evicted %d of %d gated KV pairs", int(decision.evicted.sum()), decision.evicted.numel())
 
     # ----------------------------------------------------------------------------------------- chunked prefill
 
-    def _start_plan(self, context_length: int) -> ChunkPlan:
-        self._plan = ChunkPlan.start(context_length, self._budget(), self._protection())
+    def _start_plan(self, context_length: int, padding: torch.Tensor | None) -> ChunkPlan:
+        self._plan = ChunkPlan.start(context_length, self._budget(), self._protection(), padding, self.chunk_size)
         return self._plan
 
     def _end_plan(self) -> None:
@@ -231,29 +246,29 @@ class FastKVzipPress(BasePress):
         layer_ids = list(self._attention)
         for layer_id in layer_ids:
             plan.add_scores(layer_id, self._scores.pop(layer_id))
-        n_span = plan.span_to_decide()
-        if n_span > 0 or plan.finished:  # the last chunk always stores the layers ragged, with their scores
+        if any(plan.spans()) or plan.finished:  # the last chunk always stores the layers ragged, with their scores
             decision = plan.decide_span(layer_ids)
             for layer_id, layer_evicted in zip(layer_ids, decision.evicted):
-                pending = plan.pending[layer_id]
-                module = self._attention[layer_id]
-                self._strategy.evict_tail(cache, module, layer_id, layer_evicted, pending.shape[-1], pending)
-            plan.advance(n_span)
+                tail = plan.tail_eviction(layer_id, layer_evicted)
+                self._strategy.evict_tail(cache, self._attention[layer_id], layer_id, tail)
+            plan.advance()
         if plan.finished:
             kept = {}
             for layer_id in layer_ids:
                 layer = cache.layers[layer_id]
                 kept[layer_id] = torch.tensor(layer.head_lengths).view(layer.batch_size, layer.num_heads)
-            self._record_stats(plan.context_length, kept)
+            self._record_stats(plan.context_length, kept, layer.sequence_lengths)
 
-    def _record_stats(self, context_length: int, kept_per_head: dict[int, torch.Tensor]) -> None:
-        """Store what the prefill kept (``kept_per_head``: ``{layer_id: [B, H]}``); threshold mode learns its ratio."""
-        bsz, heads = next(iter(kept_per_head.values())).shape
+    def _record_stats(self, context_length: int, kept_per_head: dict[int, torch.Tensor], lengths: list[int]) -> None:
+        """Store what the prefill kept (``kept_per_head``: ``{layer_id: [B, H]}``, sequences of ``lengths`` own
+        tokens); threshold mode learns its ratio."""
+        heads = next(iter(kept_per_head.values())).shape[1]
         self.last_stats = EvictionStats(
             context_length=context_length,
             kept_per_head=kept_per_head,
-            pairs_per_layer=bsz * heads * context_length,
+            pairs_per_layer=heads * sum(lengths),
             num_layers=self._num_layers,
+            sequence_lengths=lengths if any(length != context_length for length in lengths) else None,
         )
         if self.threshold is not None:
             self.compression_ratio = self.last_stats.compression_ratio

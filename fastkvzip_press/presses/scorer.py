@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
+from kvpress.presses.base_press import is_prefilling
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.utils import compute_n_kept
 from torch import nn
 from transformers import PreTrainedModel
 
+from fastkvzip_press.cache import enable_ragged_attention, evict_from_tail
 from fastkvzip_press.gates import GateBank, GateSource
 from fastkvzip_press.presses.gate_binding import GateBinding
+from fastkvzip_press.presses.padding import key_padding
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +48,11 @@ class FastKVzipScorerPress(ScorerPress):
     score 1.0, so they are the last to go, and a warning says how to avoid that (use the same press instance for
     prefill in ``PrefillDecodingPress``, and ``hidden_states_buffer_size >= compression_interval``).
     Layers without a gate (Gemma3 sliding-window layers) are never compressed by ``compress``.
+
+    A padded batch cannot stay dense (each sequence keeps its own number of pairs, and the attention mask of later
+    steps assumes the full length), so used alone on one the press stores each gated layer ragged
+    (:class:`~fastkvzip_press.cache.RaggedLayer`): every (sequence, head) keeps the top-k of its own tokens, exactly
+    what it keeps alone, and padding is dropped. kvpress's wrappers handle one sequence (their design).
     """
 
     compression_ratio: float = 0.0
@@ -51,6 +60,7 @@ class FastKVzipScorerPress(ScorerPress):
     _binding: GateBinding = field(default_factory=GateBinding, init=False, repr=False)
     _score_cache: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _warned_ungated: set[int] = field(default_factory=set, init=False, repr=False)
+    _model: weakref.ReferenceType | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not 0 <= self.compression_ratio < 1:
@@ -65,6 +75,36 @@ class FastKVzipScorerPress(ScorerPress):
 
     def post_init_from_model(self, model: PreTrainedModel):
         self._binding.bind(self.gates, model)
+        self._model = weakref.ref(model)
+
+    def forward_hook(self, module: nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
+        """kvpress's prefill compression; a padded batch is stored ragged instead (see the class notes)."""
+        hidden_states = kwargs["hidden_states"]
+        q_len = hidden_states.shape[1]
+        padding = key_padding(kwargs.get("attention_mask"), q_len)
+        if (
+            padding is None
+            or self.compression_ratio == 0
+            or not is_prefilling(kwargs["cache_position"], q_len)
+            or not self._is_gated(module)
+        ):
+            return super().forward_hook(module, input, kwargs, output)
+        cache = kwargs["past_key_values"]
+        keys = cache.layers[module.layer_idx].keys  # dense [B, H, T, D], padding included
+        scores = self.score(module, hidden_states, keys, keys, None, kwargs)
+        evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        for sequence, own in enumerate(~padding.to(scores.device)):
+            row = scores[sequence : sequence + 1, :, own].contiguous()  # [1, H, n]: what the sequence scores alone
+            kept = row.topk(compute_n_kept(row.shape[-1], self.compression_ratio), dim=-1).indices[0]
+            keep = torch.zeros(row.shape[1:], dtype=torch.bool, device=row.device).scatter_(-1, kept, True)
+            evicted[sequence, :, own] = ~keep
+        model = self._model() if self._model is not None else None
+        if model is None:
+            raise RuntimeError("FastKVzipScorerPress needs post_init_from_model before compressing a padded batch")
+        enable_ragged_attention(model)
+        evict_from_tail(cache, module.layer_idx, evicted, keys.shape[2], padding=padding)
+        self._score_cache.pop(module.layer_idx, None)  # ragged rows: no dense score cache to keep aligned
+        return output
 
     def _is_gated(self, module: nn.Module) -> bool:
         return self._binding.require(type(self).__name__, self.gates).has_layer(module.layer_idx)

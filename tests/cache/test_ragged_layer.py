@@ -84,10 +84,10 @@ def test_unsupported_uses_fail_clearly():
         layer.keys[:, 0]
     with pytest.raises(TypeError, match="cannot be replaced"):
         layer.keys = torch.zeros(1)
-    with pytest.raises(NotImplementedError, match="beam search"):
-        layer.reorder_cache(torch.tensor([0]))
-    with pytest.raises(ValueError, match="batch size 2"):
-        RaggedLayer.from_dense(keys.expand(2, -1, -1, -1), values.expand(2, -1, -1, -1), keep.expand(2, -1, -1))
+    with pytest.raises(IndexError, match="outside the layer's 1 sequences"):
+        layer.reorder_cache(torch.tensor([1]))
+    with pytest.raises(ValueError, match="holds 1 sequence"):
+        layer.update(*torch.randn(2, 2, HEADS, 1, DIM).unbind(0))  # a batch of 2 into a layer of 1
 
 
 def test_ragged_layer_rolls_back_by_position_after_decoding_eviction():
@@ -142,3 +142,47 @@ def test_add_column_needs_one_value_per_retained_row():
         layer.add_column("bad", torch.zeros(3), fill=0.0)
     with pytest.raises(ValueError, match="track_positions"):
         layer.add_column("positions", torch.zeros(sum(layer.head_lengths)), fill=0.0)
+
+
+def batch_kv(seed: int = 0, batch: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(batch, HEADS, TOKENS, DIM, generator=generator)
+    keep = torch.rand(batch, HEADS, TOKENS, generator=generator) < 0.5
+    keep[:, :, :2] = True
+    return keys, keys + 1, keep
+
+
+def test_a_batch_holds_one_segment_per_sequence_and_head():
+    keys, values, keep = batch_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep, spare_tokens=3, pad_tokens=[0, 2, 5])
+    assert layer.batch_size == 3 and layer.num_heads == HEADS
+    assert layer.head_lengths == keep.sum(-1).reshape(-1).tolist()
+    assert layer.sequence_lengths == [TOKENS, TOKENS - 2, TOKENS - 5]
+    for b in range(3):
+        for h in range(HEADS):
+            assert torch.equal(layer.head_keys(h, sequence=b), keys[b, h, keep[b, h]])
+    new = torch.randn(3, HEADS, 2, DIM)
+    layer.update(new, new)
+    assert torch.equal(layer.head_keys(1, sequence=2)[-2:], new[2, 1])
+    assert layer.keys.shape == (3, HEADS, TOKENS + 2, DIM) and layer.sequence_lengths[2] == TOKENS - 3
+
+
+def test_beam_search_and_batch_expansion_take_whole_sequences():
+    keys, values, keep = batch_kv(seed=1)
+    layer = RaggedLayer.from_dense(keys, values, keep, pad_tokens=[1, 0, 2])
+    layer.track_positions()
+    expected = {(b, h): layer.head_keys(h, sequence=b).clone() for b in range(3) for h in range(HEADS)}
+    positions = {(b, h): layer.head_positions(h, sequence=b).clone() for b in range(3) for h in range(HEADS)}
+    layer.reorder_cache(torch.tensor([2, 2, 0]))
+    assert layer.pad_tokens == [2, 2, 1]
+    for new, old in enumerate([2, 2, 0]):
+        for h in range(HEADS):
+            assert torch.equal(layer.head_keys(h, sequence=new), expected[(old, h)])
+            assert torch.equal(layer.head_positions(h, sequence=new), positions[(old, h)])
+    layer.batch_repeat_interleave(2)
+    assert layer.batch_size == 6 and torch.equal(layer.head_keys(0, sequence=5), expected[(0, 0)])
+    layer.batch_select_indices(torch.tensor([4]))
+    assert layer.batch_size == 1 and torch.equal(layer.head_values(1), expected[(0, 1)] + 1)
+    new = torch.randn(1, HEADS, 20, DIM)
+    layer.update(new, new)  # appends still find room (a rebuild) after the reorder
+    assert torch.equal(layer.head_keys(0)[-20:], new[0, 0])

@@ -84,11 +84,3 @@ def test_gemma3_generate_keeps_sliding_layers_dense(tiny_models, random_gates):
         out = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     layout = ModelLayout.from_model(model)
     assert ragged_layer_ids(out.past_key_values) == list(layout.gated_layer_ids)
-
-
-def test_batch_of_two_is_refused_with_advice(llama, random_gates):
-    model, tokenizer = llama
-    batch = tokenizer([CONTEXT, CONTEXT.replace("7 2 9", "4 4 1")], return_tensors="pt")
-    press = FastKVzipPress(0.5, gates=random_gates(model), window_size=4)
-    with pytest.raises(ValueError, match="compaction='masked'"), press(model):
-        model.generate(**batch, max_new_tokens=2, do_sample=False)

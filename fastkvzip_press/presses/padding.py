@@ -1,0 +1,25 @@
+"""Which keys of a forward are padding, read from the mask transformers hands an attention module."""
+
+from __future__ import annotations
+
+import torch
+
+
+def key_padding(attention_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
+    """``[B, n_keys]`` bool, True where one of the last ``n_keys`` keys is padding; ``None`` when there is none.
+
+    sdpa layers get a 4-D mask ``[B, 1, q, kv]`` (bool, True = attend, or additive float) or ``None``; flash-attention
+    layers get the 2-D padding mask ``[B, kv]``. The last query row of a causal mask sees every key that is not
+    padding.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        visible = attention_mask.bool()
+    elif attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1]
+        visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    else:
+        raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
+    padding = ~visible[:, -n_keys:]
+    return padding if bool(padding.any()) else None
