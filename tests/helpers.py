@@ -108,3 +108,18 @@ def ragged_layouts(draw, min_room: int = 0):
 
 def as_index(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, device=KERNEL_DEVICE)
+
+
+@st.composite
+def batch_layouts(draw, min_room: int = 0):
+    """(starts, lengths, rooms, M) of a ragged layer holding a batch: B sequences x H heads, one segment each in
+    (sequence, head) order, back to back, each with ``room`` spare rows (at least ``min_room``)."""
+    bsz, heads = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    n_segments = bsz * heads
+    lengths = draw(st.lists(st.integers(0, 30), min_size=n_segments, max_size=n_segments))
+    rooms = draw(st.lists(st.integers(min_room, min_room + 4), min_size=n_segments, max_size=n_segments))
+    starts, row = [], 0
+    for length, room in zip(lengths, rooms):
+        starts.append(row)
+        row += length + room
+    return starts, lengths, rooms, row

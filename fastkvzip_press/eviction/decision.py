@@ -9,9 +9,10 @@ budget. Each row ``(layer, sequence, head)`` counts its own pairs in order, so s
 each head's) own first and last pairs.
 
 Budgets are computed per sequence, over all its layers x heads or, with ``layerwise``, per layer. A count budget
-evicts the lowest-scored unprotected pairs (exactly, through :func:`~fastkvzip_press.triton.select_smallest`; equal
-scores go to the lower flat index in (layer, head, pair) order); when protection leaves too little room the decision
-says how many pairs it could not evict (``shortfall``) and the caller warns or refuses.
+evicts the lowest-scored unprotected pairs (exactly: equal scores go to the lower flat index in (layer, head, pair)
+order); when protection leaves too little room the decision says how many pairs it could not evict (``shortfall``)
+and the caller warns or refuses. All groups of a batch go through one
+:func:`~fastkvzip_press.triton.select_smallest_rows` call (a radix select on CUDA).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkvzip_press.triton import select_smallest
+from fastkvzip_press.triton import select_smallest_rows
 
 INF = float("inf")
 
@@ -219,12 +220,12 @@ def decide(
         evicted = candidates < budget.threshold
     else:
         evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        if budget.layerwise:
+            groups = [(slice(layer, layer + 1), heads) for layer in range(n_layers)]
+        else:
+            groups = [(slice(None), n_layers * heads)]
+        rows, counts, places = [], [], []
         for sequence in range(bsz):
-            groups = (
-                [(slice(layer, layer + 1), heads) for layer in range(n_layers)]
-                if budget.layerwise
-                else [(slice(None), n_layers * heads)]
-            )
             for layers, slots in groups:
                 flat = candidates[layers, sequence].reshape(-1)
                 pairs = int(valid[layers, sequence].sum())
@@ -232,8 +233,13 @@ def decide(
                 wanted = budget.pairs_to_evict(pairs, evictable, slots, sequence)
                 n_evict = max(0, min(wanted, evictable))
                 shortfall[sequence] += wanted - n_evict
-                _, chosen = select_smallest(flat, n_evict)
-                evicted[layers, sequence] = chosen.view(evicted[layers, sequence].shape)
+                rows.append(flat)
+                counts.append(n_evict)
+                places.append((layers, sequence))
+        # One selection for the whole batch: every (sequence[, layer]) group is a row with its own count.
+        _, chosen = select_smallest_rows(torch.stack(rows), torch.tensor(counts, device=scores.device))
+        for (layers, sequence), row in zip(places, chosen):
+            evicted[layers, sequence] = row.view(evicted[layers, sequence].shape)
     kept = (valid & ~evicted).sum(-1)
     per_sequence = evicted.sum(dim=(0, 2, 3)).tolist()
     return Decision(evicted=evicted, kept=kept, evicted_per_sequence=per_sequence, shortfall=shortfall)

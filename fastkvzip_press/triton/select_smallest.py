@@ -1,10 +1,11 @@
-"""Exact selection of the k smallest entries of a flat float32 buffer: Triton radix select and its torch reference.
+"""Exact selection of the k smallest entries of float32 rows: Triton radix select and its torch reference.
 
-The Triton path finds the k-th smallest value without sorting: float32 values map to order-preserving 32-bit keys,
-and four passes fix one 8-bit digit of the threshold's key each, from a histogram of that digit over the entries
-that share the digits fixed so far. The bookkeeping between passes runs as small torch ops on the device, so the
-whole selection needs no host synchronisation. A last kernel compares every key with the threshold's; the tie rule
-(the first equal entries in index order) is a torch cumsum over the equality mask.
+The Triton path finds each row's k-th smallest value without sorting: float32 values map to order-preserving 32-bit
+keys, and four passes fix one 8-bit digit of the threshold's key each, from a histogram of that digit over the entries
+that share the digits fixed so far. One launch covers all rows (a batch: one row per sequence, each with its own k).
+The bookkeeping between passes runs as small torch ops on the device, so the whole selection needs no host
+synchronisation. A last kernel compares every key with its row's threshold key; the tie rule (the first equal entries
+in index order) is a torch cumsum over the equality mask.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ def _radix_histogram_kernel(
     BLOCK: tl.constexpr,
     NUM_BINS: tl.constexpr,
 ):
-    """Add to ``hist [NUM_BINS]`` the counts of key digit ``SHIFT`` over entries whose key matches the prefix."""
+    """Program (block, row): add to ``hist[row] [NUM_BINS]`` the counts of key digit ``SHIFT`` over the row's entries
+    whose key matches the row's prefix (rows of ``n`` entries, back to back)."""
+    row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offs < n
-    bits = tl.load(bits_ptr + offs, mask=in_bounds, other=0)
+    bits = tl.load(bits_ptr + row.to(tl.int64) * n + offs, mask=in_bounds, other=0)
     bits = tl.where((bits << 1) == 0, 0, bits)  # -0.0 -> 0.0
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int32 key, ordered like the floats
-    match = in_bounds & ((key & HI_MASK) == tl.load(prefix_ptr))
+    match = in_bounds & ((key & HI_MASK) == tl.load(prefix_ptr + row))
     digit = (key >> SHIFT) & (NUM_BINS - 1)
     if SHIFT == 24:
         digit = digit ^ (NUM_BINS // 2)  # the unsigned key's top digit has the sign bit flipped
@@ -56,20 +59,22 @@ def _radix_histogram_kernel(
     # Triton releases lack; the overflow half of the histogram is never added, nor are empty bins.
     counts = tl.histogram(tl.where(match, digit, NUM_BINS), 2 * NUM_BINS)
     bins = tl.arange(0, 2 * NUM_BINS)
-    tl.atomic_add(hist_ptr + bins, counts, mask=(bins < NUM_BINS) & (counts > 0))
+    tl.atomic_add(hist_ptr + row * NUM_BINS + bins, counts, mask=(bins < NUM_BINS) & (counts > 0))
 
 
 @lazy_jit
 def _compare_kernel(bits_ptr, n, threshold_key_ptr, below_ptr, ties_ptr, BLOCK: tl.constexpr):
-    """``below [n]``: values under the threshold; ``ties [n]``: values equal to it."""
+    """Program (block, row): ``below``: the row's values under its threshold; ``ties``: values equal to it."""
+    row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_bounds = offs < n
-    bits = tl.load(bits_ptr + offs, mask=in_bounds, other=0)
+    at = row.to(tl.int64) * n + offs
+    bits = tl.load(bits_ptr + at, mask=in_bounds, other=0)
     bits = tl.where((bits << 1) == 0, 0, bits)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    threshold_key = tl.load(threshold_key_ptr)
-    tl.store(below_ptr + offs, key < threshold_key, mask=in_bounds)
-    tl.store(ties_ptr + offs, key == threshold_key, mask=in_bounds)
+    threshold_key = tl.load(threshold_key_ptr + row)
+    tl.store(below_ptr + at, key < threshold_key, mask=in_bounds)
+    tl.store(ties_ptr + at, key == threshold_key, mask=in_bounds)
 
 
 def _check(values: torch.Tensor, k: int) -> None:
@@ -97,15 +102,33 @@ def select_smallest_reference(values: torch.Tensor, k: int) -> tuple[torch.Tenso
     return threshold, below | (ties & (ties.cumsum(0) <= ties_taken))
 
 
-def _select_smallest_triton(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_rows(values: torch.Tensor, k: torch.Tensor) -> None:
+    if values.dtype != torch.float32 or values.dim() != 2:
+        raise TypeError(f"values must be a 2-D float32 tensor, got {values.dtype} of shape {tuple(values.shape)}")
+    if k.shape != values.shape[:1]:
+        raise ValueError(f"k needs one count per row ({values.shape[0]}), got shape {tuple(k.shape)}")
+    if k.numel() and (int(k.min()) < 0 or int(k.max()) > values.shape[1]):
+        raise ValueError(f"k={k.tolist()} outside [0, {values.shape[1]}]")
+
+
+def select_smallest_rows_reference(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch implementation of :func:`select_smallest_rows` (same contract, same results bit for bit)."""
+    _check_rows(values, k)
+    rows = [select_smallest_reference(row, int(count)) for row, count in zip(values, k.tolist())]
+    if not rows:
+        return values.new_empty(0), torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    return torch.stack([threshold for threshold, _ in rows]), torch.stack([evict for _, evict in rows])
+
+
+def _select_smallest_rows_triton(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows, n = values.shape
     bits = values.contiguous().view(torch.int32)
-    n = values.numel()
     device = values.device
-    grid = (cdiv(n, _BLOCK),)
-    key = torch.zeros((), dtype=torch.int64, device=device)  # unsigned key of the threshold, digits fixed so far
-    rank = torch.full((), k, dtype=torch.int64, device=device)  # 1-based rank of the threshold among the matches
-    prefix = torch.zeros(1, dtype=torch.int32, device=device)  # ``key`` in the kernels' signed view
-    hist = torch.empty(_NUM_BINS, dtype=torch.int32, device=device)
+    grid = (cdiv(n, _BLOCK), n_rows)
+    key = torch.zeros(n_rows, dtype=torch.int64, device=device)  # unsigned key of each threshold, digits fixed so far
+    rank = k.to(device=device, dtype=torch.int64)  # 1-based rank of the threshold among the row's matches
+    prefix = torch.zeros(n_rows, dtype=torch.int32, device=device)  # ``key`` in the kernels' signed view
+    hist = torch.empty(n_rows, _NUM_BINS, dtype=torch.int32, device=device)
     for shift in _SHIFTS:
         hi_mask = (0xFFFFFFFF << (shift + _RADIX_BITS)) & 0xFFFFFFFF
         hist.zero_()
@@ -119,19 +142,43 @@ def _select_smallest_triton(values: torch.Tensor, k: int) -> tuple[torch.Tensor,
             BLOCK=_BLOCK,
             NUM_BINS=_NUM_BINS,
         )
-        cumulative = hist.cumsum(0)
-        digit = (cumulative < rank).sum()  # first bin whose cumulative count reaches the rank
-        rank = rank - (cumulative[digit] - hist[digit])  # minus the matches in lower bins
+        cumulative = hist.cumsum(1)
+        digit = (cumulative < rank[:, None]).sum(1)  # first bin whose cumulative count reaches the rank
+        # minus the matches in lower bins (clamped: a row with k = 0 has no bin reaching its rank)
+        at = digit.clamp(max=_NUM_BINS - 1)[:, None]
+        rank = rank - (cumulative.gather(1, at) - hist.gather(1, at))[:, 0]
         key = key | (digit << shift)
-        prefix.copy_((key - (1 << 31)).reshape(1))
-    # The prefix is now the threshold's full key, and ``rank`` says how many of the entries equal to it are selected.
-    below = torch.empty(n, dtype=torch.bool, device=device)
-    ties = torch.empty(n, dtype=torch.bool, device=device)
+        prefix.copy_(key - (1 << 31))
+    # The prefix is now each threshold's full key, and ``rank`` says how many entries equal to it are selected.
+    below = torch.empty(n_rows, n, dtype=torch.bool, device=device)
+    ties = torch.empty(n_rows, n, dtype=torch.bool, device=device)
     _compare_kernel[grid](bits, n, prefix, below, ties, BLOCK=_BLOCK)
-    evict = below | (ties & (ties.cumsum(0, dtype=torch.int32) <= rank))
+    evict = below | (ties & (ties.cumsum(1, dtype=torch.int32) <= rank[:, None]))
     signed = key - (1 << 31)
     threshold = torch.where(signed < 0, signed ^ 0x7FFFFFFF, signed).to(torch.int32).view(torch.float32)
+    nothing = k.to(device) == 0
+    evict = evict & ~nothing[:, None]
+    threshold = torch.where(nothing, torch.full_like(threshold, float("-inf")), threshold)
     return threshold, evict
+
+
+def select_smallest_rows(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact selection of the ``k[r]`` smallest entries of every row ``r`` of ``values``, in one launch.
+
+    values: [R, N] float32 (finite or +inf; no NaN). k: [R] counts, 0 <= k[r] <= N.
+    Returns (threshold [R], evict [R, N]): per row what :func:`select_smallest` returns for it.
+    Triton path: N < 2**31.
+    """
+    k = torch.as_tensor(k, dtype=torch.int64)
+    _check_rows(values, k)
+    if values.numel() and kernel_backend(values) == "triton":
+        return _select_smallest_rows_triton(values, k)
+    return select_smallest_rows_reference(values, k)
+
+
+def _select_smallest_triton(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    threshold, evict = _select_smallest_rows_triton(values[None], torch.tensor([k], device=values.device))
+    return threshold[0], evict[0]
 
 
 def select_smallest(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

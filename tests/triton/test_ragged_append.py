@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import FEW, KERNEL_DEVICE, ROW_DTYPES, as_index, kernel_backend, ragged_layouts
+from helpers import FEW, KERNEL_DEVICE, ROW_DTYPES, as_index, batch_layouts, kernel_backend, ragged_layouts
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -74,3 +74,26 @@ def test_append_rejects_mismatched_rows():
         kernels.ragged_append(torch.zeros(8, 4), as_index([0]), as_index([0]), torch.zeros(1, 2, 3))
     with pytest.raises(TypeError, match="dtype"):
         kernels.ragged_append(torch.zeros(8, 4), as_index([0]), as_index([0]), torch.zeros(1, 2, 4).half())
+
+
+@st.composite
+def batch_appends(draw):
+    """New tokens [B * H, t, D] for a batch's ragged layer with room for them."""
+    n_new = draw(st.integers(1, 5))
+    starts, lengths, _, n_rows = draw(batch_layouts(min_room=n_new))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    dtype = draw(st.sampled_from(ROW_DTYPES))
+    buffer = torch.randn(n_rows, 8, generator=generator).to(dtype)
+    new_rows = torch.randn(len(starts), n_new, 8, generator=generator).to(dtype)
+    return buffer.to(KERNEL_DEVICE), as_index(starts), as_index(lengths), new_rows.to(KERNEL_DEVICE)
+
+
+@FEW
+@given(batch_appends())
+def test_append_to_a_batch_triton_matches_reference(needs_triton, case):
+    buffer, starts, lengths, new_rows = case
+    got, expected = buffer.clone(), buffer.clone()
+    with kernel_backend("triton"):
+        kernels.ragged_append(got, starts, lengths, new_rows)
+    ragged_append_reference(expected, starts, lengths, new_rows)
+    assert torch.equal(got, expected)

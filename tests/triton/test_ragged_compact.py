@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import FEW, KERNEL_DEVICE, ROW_DTYPES, as_index, kernel_backend, ragged_layouts
+from helpers import FEW, KERNEL_DEVICE, ROW_DTYPES, as_index, batch_layouts, kernel_backend, ragged_layouts
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -123,3 +123,22 @@ def test_compact_rejects_bad_layouts():
         kernels.ragged_compact(rows, as_index([0]), as_index([3]), torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="outside"):
         kernels.ragged_compact(rows, as_index([2]), as_index([3]), torch.ones(3, dtype=torch.bool))
+
+
+@st.composite
+def batch_compactions(draw):
+    """A batch's ragged layer (B x H segments with spare rows), its keys, values and side columns, and a keep mask."""
+    starts, lengths, _, n_rows = draw(batch_layouts())
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    rows = row_tensors(n_rows, draw(st.sampled_from([4, 16])), draw(st.sampled_from(ROW_DTYPES)), generator)
+    keep = (torch.rand(sum(lengths), generator=generator) < draw(st.sampled_from([0.2, 0.6, 1.0]))).to(KERNEL_DEVICE)
+    return rows, as_index(starts), as_index(lengths), keep, draw(st.integers(0, 4))
+
+
+@FEW
+@given(batch_compactions())
+def test_compact_a_batch_triton_matches_reference(needs_triton, case):
+    rows, starts, lengths, keep, spare = case
+    with kernel_backend("triton"):
+        got = kernels.ragged_compact(rows, starts, lengths, keep, spare)
+    assert_same_compaction(got, ragged_compact_reference(rows, starts, lengths, keep, spare))

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkvzip_press.triton as kernels
-from fastkvzip_press.triton.select_smallest import select_smallest_reference
+from fastkvzip_press.triton.select_smallest import select_smallest_reference, select_smallest_rows_reference
 
 INF = float("inf")
 
@@ -129,3 +129,47 @@ def test_select_rejects_bad_arguments():
         kernels.select_smallest(torch.zeros(3), 4)
     with pytest.raises(TypeError, match="float32"):
         kernels.select_smallest(torch.zeros(3, dtype=torch.float64), 1)
+
+
+@st.composite
+def row_batches(draw):
+    """A batch of rows (one per sequence, or per (sequence, layer)) with a count each, some rows tied, some k = 0."""
+    n_rows, n = draw(st.integers(1, 5)), draw(st.integers(1, 400))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    values = torch.randn(n_rows, n, generator=generator)
+    if draw(st.booleans()):
+        values = values.round()  # many ties
+    values[torch.rand(n_rows, n, generator=generator) < 0.1] = INF  # protected pairs
+    k = torch.tensor([draw(st.integers(0, n)) for _ in range(n_rows)])
+    return values.to(KERNEL_DEVICE), k
+
+
+@FEW
+@given(row_batches())
+def test_rows_select_each_rows_own_k_smallest(case):
+    values, k = case
+    thresholds, evict = select_smallest_rows_reference(values, k)
+    for row, count, threshold, chosen in zip(values, k.tolist(), thresholds, evict):
+        expected_threshold, expected = select_smallest_reference(row, count)
+        assert torch.equal(chosen, expected) and int(chosen.sum()) == count
+        assert same_bits(threshold, expected_threshold)
+
+
+@FEW
+@given(row_batches())
+def test_rows_triton_matches_reference(needs_triton, case):
+    values, k = case
+    with kernel_backend("triton"):
+        thresholds, evict = kernels.select_smallest_rows(values, k)
+    expected_thresholds, expected = select_smallest_rows_reference(values, k)
+    assert torch.equal(evict, expected)
+    assert all(same_bits(a, b) for a, b in zip(thresholds, expected_thresholds))
+
+
+def test_rows_reject_bad_arguments():
+    with pytest.raises(ValueError, match="one count per row"):
+        kernels.select_smallest_rows(torch.zeros(2, 3), torch.tensor([1]))
+    with pytest.raises(ValueError, match="outside"):
+        kernels.select_smallest_rows(torch.zeros(2, 3), torch.tensor([1, 4]))
+    with pytest.raises(TypeError, match="2-D float32"):
+        kernels.select_smallest_rows(torch.zeros(3), torch.tensor([1]))
