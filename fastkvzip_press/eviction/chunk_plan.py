@@ -113,13 +113,14 @@ class ChunkPlan:
         padding: torch.Tensor | None = None,
         chunk_size: int | None = None,
     ) -> ChunkPlan:
-        """Plan a context of ``context_length`` positions, ``padding [B, T]`` of them padding, prefilled
+        """Plan a context of ``context_length`` positions for ``B`` sequences, ``padding [B, T]`` marking padding
+        (``None``: one sequence), prefilled
         ``chunk_size`` tokens at a time (default: all at once); raises when sink and window leave nothing to evict in
         a sequence."""
-        if padding is not None and not padding.any():
-            padding = None
         chunk_size = chunk_size or context_length
         lengths = [context_length] if padding is None else (context_length - padding.sum(-1)).tolist()
+        if padding is not None and not padding.any():
+            padding = None  # a batch of equal lengths
         windows, fractions = [], []
         for length in lengths:
             window = protection.require_room(length)

@@ -26,7 +26,7 @@ class ChunkedPrefill:
     """Chunk the prefills of ``model``'s base model into ``chunk_size``-token forwards while attached.
 
     ``start(context_length, padding)`` returns the :class:`~fastkvzip_press.eviction.ChunkPlan` of a prefill
-    (``padding [B, T]`` from the 2-D attention mask, or ``None``); the plan's
+    (``padding [B, T]`` from the 2-D attention mask, all False without one); the plan's
     ``chunk_end`` is set before every chunk; ``finish()`` runs once the prefill ends, also on error. Inputs that are
     short, given as embeddings, or that extend a cache already holding tokens (questions, decoding) pass unchanged.
     """
@@ -83,7 +83,10 @@ class ChunkedPrefill:
         if cache is None:
             kwargs["past_key_values"] = DynamicCache(config=self.model.config)
         n_tokens = input_ids.shape[1]
-        padding = None if attention_mask is None else attention_mask[:, -n_tokens:] == 0
+        if attention_mask is None:
+            padding = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        else:
+            padding = attention_mask[:, -n_tokens:] == 0
         plan = self.start(n_tokens, padding)
 
         def chunk(begin: int, end: int) -> dict[str, Any]:

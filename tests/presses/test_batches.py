@@ -93,3 +93,16 @@ def test_a_batch_stores_what_its_sequences_store_alone(llama, random_gates, mode
     assert abs(kv_cache_bytes(cache) - alone) <= 0.02 * alone
     layer = cache.layers[0]
     assert layer.sequence_lengths == [len(tokenizer(p).input_ids) + STEPS - 1 for p in PROMPTS]
+
+
+def test_a_batch_of_equal_lengths_needs_no_padding(llama, random_gates):
+    model, tokenizer = llama
+    gates = random_gates(model)
+    prompts = [CONTEXT, CONTEXT.replace("7 2 9", "4 4 1").replace("green", "blue")]
+    assert len({len(tokenizer(p).input_ids) for p in prompts}) == 1
+    for mode in ("one_pass", "chunked", "decoding"):
+        tokens, logits, _ = generate(model, tokenizer, PRESSES[mode](gates), prompts)
+        for b, prompt in enumerate(prompts):
+            alone_tokens, alone_logits, _ = generate(model, tokenizer, PRESSES[mode](gates), [prompt])
+            assert torch.equal(tokens[b], alone_tokens[0]), (mode, b)
+            torch.testing.assert_close(logits[b], alone_logits[0], atol=1e-4, rtol=1e-4)
