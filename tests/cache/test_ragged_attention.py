@@ -50,3 +50,63 @@ def test_ragged_attention_equals_masked_dense_attention(n_new):
     expected = reference_attention(query, all_keys, all_values, all_keep, n_new, scaling)
     assert out.shape == (1, n_new, HEADS * 3, DIM)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def batch_layer(seed: int = 5, bsz: int = 3, tokens: int = 24):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(bsz, HEADS, tokens, DIM, generator=generator)
+    values = torch.randn(bsz, HEADS, tokens, DIM, generator=generator)
+    keep = torch.rand(bsz, HEADS, tokens, generator=generator) < 0.5
+    keep[..., -1] = True
+    return keys, values, keep
+
+
+@pytest.mark.parametrize("n_new", [1, 3])
+@pytest.mark.parametrize("path", ["per_segment", "padded"])
+def test_a_batch_attends_per_sequence_and_head(monkeypatch, n_new, path):
+    from fastkvzip_press.cache import attention
+
+    monkeypatch.setattr(attention, "PADDED_MIN_SEGMENTS", 1 if path == "padded" else 10**9)
+    keys, values, keep = batch_layer()
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    new_keys, new_values = torch.randn(2, 3, HEADS, n_new, DIM).unbind(0)
+    layer.update(new_keys, new_values)
+    query = torch.randn(3, HEADS * 2, n_new, DIM)
+    out = ragged_attention(query, layer, 1 / math.sqrt(DIM))
+    for b in range(3):
+        expected = reference_attention(
+            query[b : b + 1],
+            torch.cat([keys[b : b + 1], new_keys[b : b + 1]], dim=2),
+            torch.cat([values[b : b + 1], new_values[b : b + 1]], dim=2),
+            torch.cat([keep[b : b + 1], torch.ones(1, HEADS, n_new, dtype=torch.bool)], dim=2),
+            n_new,
+            1 / math.sqrt(DIM),
+        )
+        torch.testing.assert_close(out[b : b + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_among_the_new_rows_is_read_from_the_mask():
+    keys, values, keep = batch_layer(bsz=2)
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    n_new = 4
+    new_keys, new_values = torch.randn(2, 2, HEADS, n_new, DIM).unbind(0)
+    layer.update(new_keys, new_values)
+    logical = layer.get_seq_length()
+    # sequence 0: its first 2 new tokens are padding (the end of its left padding); sequence 1 has none
+    mask = bottom_right_causal_mask(n_new, logical, "cpu").expand(2, 1, n_new, logical).clone()
+    mask[0, :, :, logical - n_new : logical - n_new + 2] = False
+    query = torch.randn(2, HEADS * 2, n_new, DIM)
+    out = ragged_attention(query, layer, 1 / math.sqrt(DIM), attention_mask=mask)
+    new_keep = torch.ones(2, HEADS, n_new, dtype=torch.bool)
+    new_keep[0, :, :2] = False
+    for b in range(2):
+        expected = reference_attention(
+            query[b : b + 1],
+            torch.cat([keys[b : b + 1], new_keys[b : b + 1]], dim=2),
+            torch.cat([values[b : b + 1], new_values[b : b + 1]], dim=2),
+            torch.cat([keep[b : b + 1], new_keep[b : b + 1]], dim=2),
+            n_new,
+            1 / math.sqrt(DIM),
+        )
+        rows = slice(2, None) if b == 0 else slice(None)  # padding queries' outputs are never used
+        torch.testing.assert_close(out[b : b + 1, rows], expected[:, rows], atol=1e-5, rtol=1e-5)
