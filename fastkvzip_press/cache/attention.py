@@ -92,34 +92,6 @@ def _per_segment_attention(
     return out
 
 
-def _padded_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None) -> torch.Tensor:
-    """One SDPA call over all segments, each gathered into a zero-padded ``[S, L_max, D]`` block with a mask.
-
-    The gather copies the retained rows once, which costs less than one small SDPA call per segment when a batch has
-    many segments (CPU; the padded rows are masked out).
-    """
-    bsz, n_q_heads, q_len, head_dim = query.shape
-    n_segments = bsz * layer.num_heads
-    group = n_q_heads // layer.num_heads
-    lengths = layer.lengths[:, None]  # [S, 1]
-    longest = max(layer.head_lengths)
-    offsets = torch.arange(longest, device=query.device)
-    rows = (layer.starts[:, None] + offsets).clamp(max=layer.key_buffer.shape[0] - 1)  # [S, L]
-    keys = layer.key_buffer[rows].unsqueeze(1)  # [S, 1, L, D]
-    values = layer.value_buffer[rows].unsqueeze(1)
-    # Query i of a segment holding n rows sees its first n - t + i + 1 rows (bottom-right causal), none of the padding.
-    visible = offsets[None, None, :] <= lengths[:, :, None] - q_len + torch.arange(q_len, device=query.device)[:, None]
-    out = F.scaled_dot_product_attention(
-        query.reshape(n_segments, group, q_len, head_dim),
-        keys,
-        values,
-        attn_mask=visible.unsqueeze(1),  # [S, 1, t, L]
-        scale=scaling,
-        enable_gqa=True,
-    )
-    return out.reshape(bsz, n_q_heads, q_len, head_dim)
-
-
 def _varlen_available(query: torch.Tensor) -> bool:
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or os.environ.get(VARLEN_ENV) == "0":
         return False
@@ -159,10 +131,6 @@ def _varlen_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | 
     return out.reshape(bsz, n_q_heads, q_len, head_dim)
 
 
-# From this many segments on, the CPU path gathers them into one padded SDPA call instead of one call per segment.
-PADDED_MIN_SEGMENTS = 8
-
-
 def ragged_attention(
     query: torch.Tensor,
     layer: RaggedLayer,
@@ -183,8 +151,6 @@ def ragged_attention(
         out = _per_segment_attention(query, layer, scaling, new_rows)
     elif _varlen_available(query):
         out = _varlen_attention(query, layer, scaling)
-    elif len(layer.head_lengths) >= PADDED_MIN_SEGMENTS and min(layer.head_lengths) > 0:
-        out = _padded_attention(query, layer, scaling)
     else:
         out = _per_segment_attention(query, layer, scaling)
     return out.transpose(1, 2).contiguous()

@@ -62,11 +62,7 @@ def batch_layer(seed: int = 5, bsz: int = 3, tokens: int = 24):
 
 
 @pytest.mark.parametrize("n_new", [1, 3])
-@pytest.mark.parametrize("path", ["per_segment", "padded"])
-def test_a_batch_attends_per_sequence_and_head(monkeypatch, n_new, path):
-    from fastkvzip_press.cache import attention
-
-    monkeypatch.setattr(attention, "PADDED_MIN_SEGMENTS", 1 if path == "padded" else 10**9)
+def test_a_batch_attends_per_sequence_and_head(n_new):
     keys, values, keep = batch_layer()
     layer = RaggedLayer.from_dense(keys, values, keep)
     new_keys, new_values = torch.randn(2, 3, HEADS, n_new, DIM).unbind(0)
