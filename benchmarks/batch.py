@@ -1,7 +1,7 @@
 """Batches on the default model: decode throughput, stored KV and peak process memory of FastKVzipPress against the
 full cache and the masked path (kvpress's attention patch, the same eviction without freeing memory), in one run.
 
-    .venv/bin/python benchmarks/batch.py                 # batch 1/4/8 x 2k/4k x ratios 0.5/0.75 (~40 min, 2 cores)
+    .venv/bin/python benchmarks/batch.py                 # batch 1/4/8 x 2k/4k x ratios 0.5/0.75 (~30 min, 2 cores)
     .venv/bin/python benchmarks/batch.py --batches 1 4 --contexts 2048 --decode-tokens 8
 
 Every configuration runs in a fresh process (its peak RSS is its own). A batch holds ``batch`` different contexts of
