@@ -19,6 +19,7 @@ _EXPORTS = {
     "FastKVzipScorerPress": "fastkvzip_press.presses",
     "GateBank": "fastkvzip_press.gates",
     "GateFileError": "fastkvzip_press.gates",
+    "GateFileNotFoundError": "fastkvzip_press.gates",
     "GateMismatchError": "fastkvzip_press.gates",
     "ModelLayout": "fastkvzip_press.gates",
     "RaggedLayer": "fastkvzip_press.cache",
@@ -34,6 +35,7 @@ __all__ = [
     "FastKVzipScorerPress",
     "GateBank",
     "GateFileError",
+    "GateFileNotFoundError",
     "GateMismatchError",
     "ModelLayout",
     "RaggedLayer",
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from fastkvzip_press.gates import (
         GateBank,
         GateFileError,
+        GateFileNotFoundError,
         GateMismatchError,
         ModelLayout,
         SinkGate,

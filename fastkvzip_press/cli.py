@@ -4,11 +4,60 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("fastkvzip_press")
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[minimum, maximum]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number between ``low`` and ``high`` (each bound open or closed)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
+        return value
+
+    return parse
+
+
+def _window(text: str) -> int | float:
+    """--window-size: a fraction of the context in (0, 1), or a whole number of tokens >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a token count, got {text!r}") from None
+    if 0 < value < 1:
+        return value
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) or a whole number of tokens >= 0, got {text}")
+    return int(value)
 
 
 def _format_bytes(n_bytes: float) -> str:
@@ -21,12 +70,23 @@ def _format_bytes(n_bytes: float) -> str:
     return f"{n_bytes:,.1f} {unit}"
 
 
+def _gate_bank(args: argparse.Namespace, model):
+    """The gates ``--gates`` names, checked against ``model``: 'default' (shipped, else released), 'random'
+    (untrained, seeded by ``--seed``) or a gate file or folder."""
+    from fastkvzip_press.gates import GateBank, ModelLayout, load_gates
+
+    if args.gates == "random":
+        return GateBank.random(ModelLayout.from_model(model), seed=args.seed)
+    source = None if args.gates == "default" else args.gates
+    return load_gates(source, model, allow_other_model=args.allow_other_model)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
     from fastkvzip_press.cache import full_cache_bytes, kv_cache_bytes
-    from fastkvzip_press.gates import GateBank, ModelLayout, load_gates
+    from fastkvzip_press.gates import ModelLayout
     from fastkvzip_press.models import load_default_model
     from fastkvzip_press.presses import FastKVzipPress
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
@@ -35,7 +95,11 @@ def _generate(args: argparse.Namespace) -> int:
     if not context_path.is_file():
         print(f"error: context file {context_path} does not exist", file=sys.stderr)
         return 2
-    context = context_path.read_text()
+    try:
+        context = context_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        print(f"error: context file {context_path} is not UTF-8 text ({error})", file=sys.stderr)
+        return 2
     if not context.strip():
         print(f"error: context file {context_path} is empty", file=sys.stderr)
         return 2
@@ -47,11 +111,10 @@ def _generate(args: argparse.Namespace) -> int:
     layout = ModelLayout.from_model(model)
     logger.info("model ready in %.1fs", time.perf_counter() - step)
 
+    gates = _gate_bank(args, model)
     if args.gates == "random":
-        gates = GateBank.random(layout, seed=args.seed)
         gate_label = f"RANDOM untrained gates (seed {args.seed}): eviction is arbitrary, expect worse answers"
     elif args.gates == "default":
-        gates = load_gates(None, model)
         training = gates.metadata.training
         corpus = training.get("config", {}).get("corpus", "?")
         gate_label = (
@@ -59,7 +122,6 @@ def _generate(args: argparse.Namespace) -> int:
             f"({training.get('train_tokens', '?')} training tokens, corpus {corpus})"
         )
     else:
-        gates = load_gates(args.gates, model)
         gate_label = f"gates from {args.gates}"
 
     press = FastKVzipPress(
@@ -143,7 +205,15 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 2
     model, tokenizer = load_model(args.model, args.model_cache)
-    _, report = train(model, tokenizer, out, config, resume=args.resume, progress=not args.quiet)
+    _, report = train(
+        model,
+        tokenizer,
+        out,
+        config,
+        resume=args.resume,
+        progress=not args.quiet,
+        allow_other_model=args.allow_other_model,
+    )
     print(f"Model: {report['model_id']}")
     print(
         f"Tokens: {report['train_tokens']} training, {report['val_tokens']} validation "
@@ -171,7 +241,7 @@ def _export_gates(args: argparse.Namespace) -> int:
     from fastkvzip_press.models import load_model
 
     model = load_model(args.model, args.model_cache)[0] if args.model else None
-    bank = load_gates(args.gates, model)
+    bank = load_gates(args.gates, model, allow_other_model=args.allow_other_model)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}[args.dtype]
     weights, meta = write_native(bank, args.out, storage_dtype=dtype)
     print(f"Gates: {len(bank.layer_ids)} layers, {weights} ({weights.stat().st_size / 2**20:.1f} MiB), {meta}")
@@ -185,13 +255,18 @@ def _eval(args: argparse.Namespace) -> int:
     from fastkvzip_press.evaluation.registry import PressResources
     from fastkvzip_press.evaluation.report import write_report
     from fastkvzip_press.evaluation.results import RunConfig, collect_runs, is_finished
+    from fastkvzip_press.gates.atomic import remove_stale_temporaries
     from fastkvzip_press.models import load_model, tokenizer_folder
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
 
     out = Path(args.out)
     check_plan(args.presses, args.ratios, args.thresholds)  # bad names and values fail before the model loads
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a results folder")
+    remove_stale_temporaries(out)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.model_cache)
+    gates = _gate_bank(args, model)  # checked once, before any run
     model_id = model.config.name_or_path
     tokenizer_path = tokenizer_folder(args.model, args.model_cache)
     pipe = kvpress_pipeline(model, tokenizer)
@@ -220,7 +295,7 @@ def _eval(args: argparse.Namespace) -> int:
             len(runs),
             sum(is_finished(run.folder) for run in runs),
         )
-        resources = PressResources(model, None if args.gates == "default" else args.gates, tokenizer_path)
+        resources = PressResources(model, gates, tokenizer_path)
         execute_runs(pipe, rows, runs, resources, progress=not args.quiet)
     if args.report:
         write_report(out, Path(args.report), args.command_line)
@@ -271,42 +346,72 @@ def _kvpress_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkvzip-press", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results, no progress or logs")
+    # -q also after the subcommand; SUPPRESS keeps a subcommand from resetting what was given before it.
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    other_model = argparse.ArgumentParser(add_help=False)
+    other_model.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="use gates (or resume on features) recorded for another model of the same shapes, e.g. a fine-tune",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="answer questions about a context on the default model, with eviction")
+    gen = commands.add_parser(
+        "generate",
+        help="answer questions about a context on the default model, with eviction",
+        parents=[quiet, other_model],
+    )
     gen.add_argument("--context-file", required=True, help="text file holding the context")
     gen.add_argument("--question", action="append", required=True, help="question (repeat for several)")
-    gen.add_argument("--ratio", type=float, default=0.5, help="compression ratio: fraction of KV pairs removed")
-    gen.add_argument("--threshold", type=float, default=None, help="adaptive mode: evict gate scores below this")
+    gen.add_argument(
+        "--ratio", type=_fraction(0, 1, high_open=True), default=0.5, help="compression ratio: fraction removed"
+    )
+    gen.add_argument(
+        "--threshold", type=_fraction(0, 1), default=None, help="adaptive mode: evict gate scores below this"
+    )
     gen.add_argument(
         "--gates", default="default", help="'default' (shipped trained gates), a gate file or folder, or 'random'"
     )
-    gen.add_argument("--seed", type=int, default=0, help="seed for random gates")
-    gen.add_argument("--n-sink", type=int, default=4)
-    gen.add_argument("--window-size", type=float, default=0.02, help="recent window: tokens (>=1) or fraction (<1)")
+    gen.add_argument("--seed", type=_integer(0), default=0, help="seed for random gates")
+    gen.add_argument("--n-sink", type=_integer(0), default=4)
+    gen.add_argument("--window-size", type=_window, default=0.02, help="recent window: tokens (>=1) or fraction (<1)")
     gen.add_argument("--compaction", choices=["ragged", "masked"], default="ragged", help="free memory or mask")
-    gen.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--chunk-size", type=_integer(1), default=None, help="prefill in chunks of this many tokens")
+    gen.add_argument("--max-new-tokens", type=_integer(1), default=32)
     gen.add_argument("--model-cache", default=None, help="folder of the converted default model")
     gen.add_argument("--no-compare", action="store_true", help="skip the full-cache answer")
     gen.set_defaults(run=_generate)
 
-    tr = commands.add_parser("train", help="train gates for a model: KVzip targets, feature shards, fit, export")
+    tr = commands.add_parser(
+        "train",
+        help="train gates for a model: KVzip targets, feature shards, fit, export",
+        parents=[quiet, other_model],
+    )
     tr.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
     tr.add_argument("--corpus", default="builtin", help="text file or folder, .parquet, hf:<dataset>, or 'builtin'")
     tr.add_argument("--out", required=True, help="output folder (features, checkpoint, gates, report, curves)")
-    tr.add_argument("--max-tokens", type=int, default=200_000, help="context tokens to extract")
-    tr.add_argument("--context-len", type=int, default=2048, help="tokens per training context")
-    tr.add_argument("--steps", type=int, default=5000)
-    tr.add_argument("--lr", type=float, default=0.2)
-    tr.add_argument("--batch-tokens", type=int, default=1000)
-    tr.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for validation")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--max-tokens", type=_integer(256), default=200_000, help="context tokens to extract")
+    tr.add_argument("--context-len", type=_integer(256), default=2048, help="tokens per training context")
+    tr.add_argument("--steps", type=_integer(1), default=5000)
+    tr.add_argument("--lr", type=_fraction(0, math.inf, low_open=True, high_open=True), default=0.2)
+    tr.add_argument("--batch-tokens", type=_integer(1), default=1000)
+    tr.add_argument(
+        "--val-fraction",
+        type=_fraction(0, 1, low_open=True, high_open=True),
+        default=0.1,
+        help="share of documents held out for validation (of windows, for a one-document corpus)",
+    )
+    tr.add_argument("--seed", type=_integer(0), default=0)
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     tr.add_argument("--model-cache", default=None, help="folder of the converted default model")
     tr.set_defaults(run=_train)
 
-    ex = commands.add_parser("export-gates", help="rewrite gates in the native format, optionally in bf16 to ship")
+    ex = commands.add_parser(
+        "export-gates",
+        help="rewrite gates in the native format, optionally in bf16 to ship",
+        parents=[quiet, other_model],
+    )
     ex.add_argument("gates", help="gate file or folder (native or released format)")
     ex.add_argument("--out", required=True, help="output folder for gates.safetensors and gates.json")
     ex.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -325,10 +430,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare presses on a locally generated benchmark; writes kvpress's results folders",
         description="Presses:\n" + press_names_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[quiet, other_model],
     )
     ev.add_argument("--dataset", choices=DATASETS, default="ruler-local")
     ev.add_argument(
-        "--data-dir", type=int, nargs="+", default=[4096], help="context length(s) in tokens (kvpress's data_dir)"
+        "--data-dir",
+        type=_integer(64),
+        nargs="+",
+        default=[4096],
+        help="context length(s) in tokens (kvpress's data_dir)",
     )
     ev.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
     ev.add_argument(
@@ -338,33 +448,49 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="press names (listed above)",
     )
-    ev.add_argument("--ratios", type=float, nargs="+", default=[0.5], help="compression ratios for ratio presses")
-    ev.add_argument("--thresholds", type=float, nargs="*", default=[], help="gate thresholds for threshold presses")
-    ev.add_argument("--samples", type=int, default=4, help="samples per task (ruler-local) or contexts (niah-local)")
+    ev.add_argument(
+        "--ratios",
+        type=_fraction(0, 1, low_open=True, high_open=True),
+        nargs="+",
+        default=[0.5],
+        help="compression ratios for ratio presses",
+    )
+    ev.add_argument(
+        "--thresholds", type=_fraction(0, 1), nargs="*", default=[], help="gate thresholds for threshold presses"
+    )
+    ev.add_argument(
+        "--samples", type=_integer(1), default=4, help="samples per task (ruler-local) or contexts (niah-local)"
+    )
     ev.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
     ev.add_argument("--haystack", default=None, help="niah-local: a local text file to hide needles in")
-    ev.add_argument("--max-new-tokens", type=int, default=None, help="cap every answer (default: the task's own)")
-    ev.add_argument("--gates", default="default", help="'default' (shipped or hub gates) or a gate file or folder")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--max-new-tokens", type=_integer(1), default=None, help="cap every answer (default: the task's own)"
+    )
+    ev.add_argument(
+        "--gates", default="default", help="'default' (shipped or hub gates), 'random' or a gate file or folder"
+    )
+    ev.add_argument("--seed", type=_integer(0), default=0, help="seed of the generated samples and of random gates")
     ev.add_argument("--out", default="results", help="results folder (one sub-folder per run, as kvpress writes)")
     ev.add_argument("--report", default=None, help="also write <dataset>.md and <dataset>.png here")
     ev.add_argument("--model-cache", default=None, help="folder of the converted default model")
     ev.set_defaults(run=_eval)
 
-    rp = commands.add_parser("eval-report", help="Markdown table and PNG plot from a results folder")
+    rp = commands.add_parser("eval-report", help="Markdown table and PNG plot from a results folder", parents=[quiet])
     rp.add_argument("results", help="folder of results sub-folders (ours or kvpress's evaluate.py's)")
     rp.add_argument("--out", required=True, help="where to write <dataset>.md and <dataset>.png")
     rp.add_argument("--readme", default=None, help="also fill the <!-- <dataset>:start/end --> block of this file")
     rp.set_defaults(run=_eval_report)
 
-    xd = commands.add_parser("export-dataset", help="write a generated dataset as parquet for kvpress's evaluate.py")
+    xd = commands.add_parser(
+        "export-dataset", help="write a generated dataset as parquet for kvpress's evaluate.py", parents=[quiet]
+    )
     xd.add_argument("--dataset", choices=DATASETS, default="ruler-local")
-    xd.add_argument("--data-dir", type=int, nargs="+", default=[4096], help="context length(s) in tokens")
+    xd.add_argument("--data-dir", type=_integer(64), nargs="+", default=[4096], help="context length(s) in tokens")
     xd.add_argument("--model", default="default", help="whose tokenizer fits the lengths: 'default' or a folder")
-    xd.add_argument("--samples", type=int, default=10)
+    xd.add_argument("--samples", type=_integer(1), default=10)
     xd.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=RULER_TASKS)
     xd.add_argument("--haystack", default=None, help="niah-local: a local text file to hide needles in")
-    xd.add_argument("--seed", type=int, default=0)
+    xd.add_argument("--seed", type=_integer(0), default=0)
     xd.add_argument("--out", required=True, help="dataset folder: <out>/<data_dir>/test-00000-of-00001.parquet")
     xd.add_argument("--model-cache", default=None, help="folder of the converted default model")
     xd.set_defaults(run=_export_dataset)
@@ -375,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Everything after the options goes to kvpress's evaluate.py, e.g. -- --model Qwen/Qwen3-8B "
         f"--dataset ruler --data_dir 4096 --press_name fastkvzip_press --compression_ratio 0.5. Our entries: {ours} "
         "(the threshold entry takes --threshold, the decoding one --target_size).",
+        parents=[quiet],
     )
     kv.add_argument("--kvpress-evaluation", default=None, help="kvpress's evaluation/ folder (default: fetch it)")
     kv.add_argument("--gates", default="default", help="'default' (shipped or released hub gates) or a gate path")
@@ -389,8 +516,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = " ".join(["fastkvzip-press", *(sys.argv[1:] if argv is None else argv)])
-    if getattr(args, "window_size", None) is not None and args.window_size >= 1:
-        args.window_size = int(args.window_size)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.quiet:
         from transformers.utils import logging as hf_logging

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -10,6 +11,8 @@ from transformers import DynamicCache, Pipeline
 
 from fastkvzip_press.cache import full_cache_bytes, kv_cache_bytes
 from fastkvzip_press.evaluation.metrics import string_match
+
+logger = logging.getLogger(__name__)
 
 
 def group_by_context(rows: list[dict]) -> Iterator[list[dict]]:
@@ -33,21 +36,32 @@ def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = T
     asked one at a time, since the pipeline takes one prefix per call. ``kv_fraction`` is the stored KV bytes after
     answering over the bytes of a full cache of the context (a ragged cache includes its spare rows).
     ``compression_ratio`` is the press's ratio after the context, as kvpress's evaluation records it (a threshold
-    press reports the ratio it achieved; 0 without a press).
+    press reports the ratio it achieved; 0 without a press). A context the press or the model refuses (too short,
+    say) fails alone: its rows get an empty prediction, score 0 and the reason in ``error`` (only failed rows have
+    that key).
     """
     results = []
     groups = list(group_by_context(rows))
     for group in tqdm(groups, desc=desc or "contexts", disable=not progress, leave=False):
         cache = DynamicCache()
-        with torch.inference_mode():
-            output = pipe(
-                group[0]["context"],
-                questions=[row["question"] for row in group],
-                answer_prefix=group[0]["answer_prefix"],
-                press=press,
-                cache=cache,
-                max_new_tokens=max(row["max_new_tokens"] for row in group),
-            )
+        try:
+            with torch.inference_mode():
+                output = pipe(
+                    group[0]["context"],
+                    questions=[row["question"] for row in group],
+                    answer_prefix=group[0]["answer_prefix"],
+                    press=press,
+                    cache=cache,
+                    max_new_tokens=max(row["max_new_tokens"] for row in group),
+                )
+        except (ValueError, RuntimeError, IndexError, AssertionError) as error:
+            # One bad sample (a context too short for the press, say) costs its rows, not the run.
+            reason = f"{type(error).__name__}: {error}"
+            logger.warning("%d rows failed (%s); they score 0 and the run goes on", len(group), reason)
+            for row in group:
+                failed = {"prediction": "", "score": 0.0, "kv_fraction": float("nan"), "compression_ratio": 0.0}
+                results.append({**row, **failed, "error": reason})
+            continue
         # The context's own length: a dense press that prunes shortens the cache's reported length too.
         n_tokens = pipe.preprocess(group[0]["context"], [], "", 10**9)["context_ids"].shape[1]
         full = full_cache_bytes(pipe.model, n_tokens)

@@ -17,8 +17,9 @@ from fastkvzip_press.evaluation.niah import NeedleConfig, make_niah_samples
 from fastkvzip_press.evaluation.registry import PressResources, PressSpec, press_spec
 from fastkvzip_press.evaluation.results import (
     DATASET_COLUMNS,
+    IDENTITY_FIELDS,
     RunConfig,
-    check_same_dataset,
+    check_same_run,
     dataset_fingerprint,
     is_finished,
     write_run,
@@ -126,18 +127,22 @@ def execute_runs(
     """Answer ``rows`` under each planned run not already finished; returns the folders written now."""
     written = []
     fingerprint = dataset_fingerprint(rows)
+    digest = resources.gate_bank().digest() if any(run.spec.uses_gates for run in runs) else None
     todo = []
     for run in runs:
         run.config.dataset_fingerprint = fingerprint
+        run.config.gates_digest = digest if run.spec.uses_gates else None
+        press = run.spec.build(run.value, resources)
+        run.config.press_init_command = str(press)
         if is_finished(run.folder):
-            check_same_dataset(run.folder, fingerprint)
+            identity = {key: getattr(run.config, key) for key in IDENTITY_FIELDS}
+            check_same_run(run.folder, identity)
             logger.info("%s: finished earlier, skipped", run.folder.name)
         else:
             todo.append(run)
     for run in tqdm(todo, desc="runs", disable=not progress):
         start = time.perf_counter()
         press = run.spec.build(run.value, resources)
-        run.config.press_init_command = str(press)
         answered = answer_rows(pipe, rows, press, progress=progress, desc=f"{run.config.press_name} {run.value:.2f}")
         metrics = ruler_metrics(answered)
         # kvpress's predictions.csv names the answer predicted_answer; the per-row score lives in metrics.json
@@ -147,6 +152,9 @@ def execute_runs(
         ]
         write_run(run.folder, records, metrics, run.config)
         mean = sum(m["string_match"] for m in metrics.values()) / len(metrics)
+        failed = sum(1 for row in answered if row.get("error"))
         logger.info("%s: mean score %.1f in %.0fs", run.folder.name, mean, time.perf_counter() - start)
+        if failed:
+            logger.warning("%s: %d of %d rows failed (see the error column)", run.folder.name, failed, len(answered))
         written.append(run.folder)
     return written

@@ -4,7 +4,7 @@ tokenizer (kvpress loads it from ``name_or_path``, a hub id for the default mode
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvpress import FastKVzipPress as KvpressFastKVzipPress
 from kvpress import KVzipPress
@@ -41,7 +41,8 @@ def kvpress_fastkvzip_with_gates(bank: GateBank, model: PreTrainedModel, compres
 class LocalTokenizerKVzipPress(KVzipPress):
     """kvpress's ``KVzipPress`` reading the tokenizer from a local folder instead of ``name_or_path``."""
 
-    tokenizer_path: str | None = None
+    # Where the tokenizer sits on this machine says nothing about the press: kept out of its repr (the run's identity).
+    tokenizer_path: str | None = field(default=None, repr=False)
 
     @contextmanager
     def __call__(self, model: PreTrainedModel):

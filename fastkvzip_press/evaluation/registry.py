@@ -33,11 +33,19 @@ class PressResources:
         gates: gate source for the Fast KVzip presses (``None``: shipped gates for the model, else the hub).
         tokenizer_path: a local folder with the model's tokenizer, for kvpress's ``KVzipPress``, which loads the
             tokenizer from ``model.config.name_or_path`` (a hub id for the default model).
+        allow_other_model: accept gates recorded for another model of the same shapes (see ``load_gates``).
     """
 
     model: PreTrainedModel | None = None
     gates: GateSource = None
     tokenizer_path: str | None = None
+    allow_other_model: bool = False
+
+    def gate_bank(self):
+        """The gates checked against the model (a source when there is no model yet)."""
+        if self.model is None:
+            return self.gates
+        return load_gates(self.gates, self.model, allow_other_model=self.allow_other_model)
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,8 @@ class PressSpec:
             "none" (the full cache).
         default: the knob value the press is registered with in kvpress's harness, which then sets its own.
         ours: a press of this package (bold in reports, registered with kvpress's harness).
+        uses_gates: the press scores with Fast KVzip gates, so its results depend on which (a run records their
+            digest).
     """
 
     name: str
@@ -58,12 +68,17 @@ class PressSpec:
     knob: Knob = "ratio"
     ours: bool = False
     default: float = 0.0
+    uses_gates: bool = False
+
+    def __post_init__(self):
+        if self.ours:
+            object.__setattr__(self, "uses_gates", True)
 
 
 def _gates(resources: PressResources):
     """The bank itself when the model is known (checked against it, and named in the run's config), else the
     source, loaded by the press when kvpress's harness enters it."""
-    return resources.gates if resources.model is None else load_gates(resources.gates, resources.model)
+    return resources.gate_bank()
 
 
 def _fastkvzip(**fields) -> Callable[[float, PressResources], Any]:
@@ -98,7 +113,7 @@ def _decoding(value: float, resources: PressResources):
 def _kvpress_fastkvzip(value: float, resources: PressResources):
     from fastkvzip_press.evaluation.kvpress_presses import kvpress_fastkvzip_with_gates
 
-    return kvpress_fastkvzip_with_gates(load_gates(resources.gates, resources.model), resources.model, value)
+    return kvpress_fastkvzip_with_gates(resources.gate_bank(), resources.model, value)
 
 
 def _kvzip(value: float, resources: PressResources):
@@ -157,7 +172,10 @@ PRESS_SPECS: dict[str, PressSpec] = {
             default=2048,
         ),
         PressSpec(
-            "fastkvzip", "kvpress's FastKVzipPress (masked, prefill only) with the same gates", _kvpress_fastkvzip
+            "fastkvzip",
+            "kvpress's FastKVzipPress (masked, prefill only) with the same gates",
+            _kvpress_fastkvzip,
+            uses_gates=True,
         ),
         PressSpec("knorm", "kvpress KnormPress", _kvpress("KnormPress")),
         PressSpec("streaming_llm", "kvpress StreamingLLMPress", _kvpress("StreamingLLMPress")),

@@ -51,6 +51,8 @@ class RunConfig:
     fp8: bool = False
     # Not in kvpress: a hash of the generated rows, so a rerun with other samples never reuses these results.
     dataset_fingerprint: str | None = None
+    # Not in kvpress: the digest of the gates a gated press used (GateBank.digest), None for other presses.
+    gates_digest: str | None = None
 
     def folder_name(self) -> str:
         value = self.threshold if self.threshold is not None else self.compression_ratio
@@ -90,15 +92,34 @@ def dataset_fingerprint(rows: list[dict]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+# What makes a finished run the same run: what it was asked (rows), of which model, with which press and gates.
+IDENTITY_FIELDS = {
+    "dataset_fingerprint": "generated dataset (--samples, --seed, --tasks, --max-new-tokens)",
+    "model": "model",
+    "press_init_command": "press configuration",
+    "gates_digest": "gates (--gates)",
+}
+
+
+def check_same_run(folder: Path, expected: dict[str, str | None]) -> None:
+    """Raise if the finished run in ``folder`` differs from ``expected`` in one of :data:`IDENTITY_FIELDS` (the
+    dataset's fingerprint, the model, the press configuration or the gates' digest). A field the folder does not
+    record (older runs) is not compared."""
+    config_path = folder / "config.yaml"
+    stored = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    stored = stored if isinstance(stored, dict) else {}
+    for key, meaning in IDENTITY_FIELDS.items():
+        have, want = stored.get(key), expected.get(key)
+        if key in expected and have is not None and have != want:
+            raise ValueError(
+                f"{folder} holds a finished run made with another {meaning}: {key} is {have!r} there, {want!r} now. "
+                "Use another --out, or delete that folder to redo the run."
+            )
+
+
 def check_same_dataset(folder: Path, fingerprint: str) -> None:
     """Raise if a finished run in ``folder`` was made on other rows (other samples, seed, tasks or budget)."""
-    config_path = folder / "config.yaml"
-    stored = yaml.safe_load(config_path.read_text()).get("dataset_fingerprint") if config_path.exists() else None
-    if stored is not None and stored != fingerprint:
-        raise ValueError(
-            f"{folder} holds results on another generated dataset (fingerprint {stored}, now {fingerprint}: "
-            "other --samples, --seed, --tasks or --max-new-tokens). Use another --out or delete that folder."
-        )
+    check_same_run(folder, {"dataset_fingerprint": fingerprint})
 
 
 def write_run(folder: Path, records: list[dict], metrics: dict, config: RunConfig) -> None:

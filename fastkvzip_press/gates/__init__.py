@@ -3,7 +3,14 @@
 Core package: imports neither kvpress nor the presses.
 """
 
-from fastkvzip_press.gates.formats import GateFileError, read_native, read_released, write_native, write_released
+from fastkvzip_press.gates.formats import (
+    GateFileError,
+    GateFileNotFoundError,
+    read_native,
+    read_released,
+    write_native,
+    write_released,
+)
 from fastkvzip_press.gates.gate import GateBank, GateMetadata, GateMismatchError, SinkGate
 from fastkvzip_press.gates.layout import ModelLayout, decoder_layers
 from fastkvzip_press.gates.loading import RELEASED_HUB_REPO, GateSource, load_gates, load_shipped, save_gates
@@ -12,6 +19,7 @@ __all__ = [
     "RELEASED_HUB_REPO",
     "GateBank",
     "GateFileError",
+    "GateFileNotFoundError",
     "GateMetadata",
     "GateMismatchError",
     "GateSource",

@@ -41,6 +41,14 @@ class GateFileError(ValueError):
     """A gate file is missing, corrupt or not in a known format."""
 
 
+class GateFileNotFoundError(GateFileError, FileNotFoundError):
+    """A gate path that does not exist."""
+
+
+# What malformed content raises while a bank is assembled from it (wrong types, shapes or JSON structure).
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, ZeroDivisionError)
+
+
 # ----------------------------------------------------------------------------------------------------- building
 
 
@@ -50,11 +58,36 @@ def bank_from_state_dicts(
     """Build a bank from per-layer state dicts, inferring hidden size, heads, group size, rank and sinks."""
     if not state_dicts:
         raise GateFileError(f"{origin}: the file holds no gate layers")
+    try:
+        bank = _assemble(state_dicts, layer_ids, metadata, origin)
+    except GateFileError:
+        raise
+    except _MALFORMED as error:
+        raise GateFileError(f"{origin}: malformed gate data ({type(error).__name__}: {error})") from error
+    bad = bank.non_finite()
+    if bad:
+        raise GateFileError(
+            f"{origin}: gate weights hold NaN or infinite values ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}"
+            "); the file is corrupt or its training diverged. Retrain or re-export the gates."
+        )
+    return bank
+
+
+def _assemble(
+    state_dicts: list[dict[str, torch.Tensor]], layer_ids: tuple[int, ...], metadata: GateMetadata, origin: str
+) -> GateBank:
     gates = []
     for index, state in enumerate(state_dicts):
+        if not isinstance(state, dict):
+            raise GateFileError(f"{origin}: layer entry {index} is a {type(state).__name__}, not a state dict")
         missing = [key for key in GATE_KEYS if key not in state]
         if missing:
-            raise GateFileError(f"{origin}: layer entry {index} lacks {missing}; found keys {sorted(state)}")
+            raise GateFileError(f"{origin}: layer entry {index} lacks {missing}; found keys {sorted(map(str, state))}")
+        for key in GATE_KEYS:
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise GateFileError(f"{origin}: layer entry {index} {key} is {kind}, not a floating-point tensor")
         q_weight, k_weight, k_base = state["q_proj.weight"], state["k_proj.weight"], state["k_base"]
         rank = state["q_norm.weight"].shape[-1]
         if k_weight.shape[0] % rank or q_weight.shape[0] % k_weight.shape[0] or k_base.ndim != 4:
@@ -103,8 +136,8 @@ def read_released(path: str | Path, layout: ModelLayout | None = None) -> GateBa
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as error:
+        raise GateFileNotFoundError(f"gate file {origin} does not exist") from error
     except Exception as error:  # pickle and zip errors have many types
         raise GateFileError(
             f"{origin} is not a readable gate file ({type(error).__name__}: {error}). "
@@ -116,7 +149,10 @@ def read_released(path: str | Path, layout: ModelLayout | None = None) -> GateBa
     state_dicts = payload["module"]
     if not all(isinstance(state, dict) for state in state_dicts):
         raise GateFileError(f"{origin}: every 'module' entry must be a state dict")
-    training = {key: np.asarray(value).tolist() for key, value in payload.items() if key != "module"}
+    try:
+        training = {str(key): np.asarray(value).tolist() for key, value in payload.items() if key != "module"}
+    except _MALFORMED as error:
+        raise GateFileError(f"{origin}: unreadable training curves ({error})") from error
     model_id = layout.model_id if layout is not None else ""
     metadata = GateMetadata(model_id=model_id, training={"released_curves": training} if training else {})
     bank = bank_from_state_dicts(state_dicts, _default_layer_ids(len(state_dicts), layout), metadata, origin)
@@ -175,13 +211,29 @@ def write_native(bank: GateBank, directory: str | Path, storage_dtype: torch.dty
     return weights, meta_path
 
 
+def _parse_metadata(meta: Any) -> tuple[tuple[int, ...], str, dict]:
+    """Layer ids, model id and training information of a native metadata dict; ``TypeError`` / ``ValueError``
+    when its structure is wrong."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"expected a JSON object, got {type(meta).__name__}")
+    raw_ids = meta.get("layer_ids", [])
+    if not isinstance(raw_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw_ids):
+        raise TypeError(f"layer_ids must be a list of integers, got {raw_ids!r:.80}")
+    if len(set(raw_ids)) != len(raw_ids) or any(i < 0 for i in raw_ids):
+        raise ValueError(f"layer_ids must be distinct and >= 0, got {raw_ids}")
+    model_id, training = meta.get("model_id", ""), meta.get("training", {})
+    if not isinstance(model_id, str) or not isinstance(training, dict):
+        raise TypeError("model_id must be a string and training an object")
+    return tuple(raw_ids), model_id, training
+
+
 def read_native(path: str | Path) -> GateBank:
     """Read native gates from a folder or a ``.safetensors`` file (its JSON metadata beside it or in its header)."""
     path = Path(path)
     weights = path / NATIVE_WEIGHTS if path.is_dir() else path
     origin = str(weights)
     if not weights.exists():
-        raise FileNotFoundError(f"no gate weights at {weights}")
+        raise GateFileNotFoundError(f"no gate weights at {weights}")
     try:
         # One pass over the file gives both the tensors and the header's metadata.
         with safe_open(str(weights), framework="pt") as handle:
@@ -197,16 +249,19 @@ def read_native(path: str | Path) -> GateBank:
             meta = json.loads(header["fastkvzip_press"])
         else:
             raise GateFileError(f"{origin}: no metadata ({sidecar.name} beside it or in the file header)")
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
         raise GateFileError(f"{origin}: gate metadata is not valid JSON: {error}") from error
-    layer_ids = tuple(int(i) for i in meta.get("layer_ids", []))
+    try:
+        layer_ids, model_id, training = _parse_metadata(meta)
+    except _MALFORMED as error:
+        raise GateFileError(f"{origin}: malformed gate metadata ({type(error).__name__}: {error})") from error
     state_dicts: list[dict[str, torch.Tensor]] = [{} for _ in layer_ids]
     for name, tensor in tensors.items():
         match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         if not match or int(match.group(1)) >= len(state_dicts):
             raise GateFileError(f"{origin}: unexpected tensor {name!r} for {len(layer_ids)} layers")
         state_dicts[int(match.group(1))][match.group(2)] = tensor
-    metadata = GateMetadata(model_id=meta.get("model_id", ""), training=meta.get("training", {}))
+    metadata = GateMetadata(model_id=model_id, training=training)
     bank = bank_from_state_dicts(state_dicts, layer_ids, metadata, origin)
     for key in ("hidden_size", "num_kv_heads", "group_size", "rank", "n_sink"):
         if key in meta and meta[key] != getattr(bank, key):

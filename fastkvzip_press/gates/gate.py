@@ -10,6 +10,8 @@ key, averaged over the ``G`` group members. Gates see no positions and no other 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,8 @@ import torch
 from torch import nn
 
 from fastkvzip_press.gates.layout import ModelLayout
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_RANK = 16
 DEFAULT_SINKS = 16
@@ -113,6 +117,29 @@ class GateMetadata:
     model_id: str = ""
     layer_ids: tuple[int, ...] = ()
     training: dict[str, Any] = field(default_factory=dict)
+    # Models other than ``model_id`` these gates were explicitly accepted for (not saved with the gates).
+    accepted_models: tuple[str, ...] = ()
+
+
+SIBLING_SUFFIXES = ("-instruct", "-chat", "-base", "-it")
+
+
+def model_name(model_id: str) -> str:
+    """The comparable part of a model id: the last path component, lowercased (a hub id or a local folder)."""
+    return model_id.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
+
+
+def sibling_models(first: str, second: str) -> bool:
+    """Whether two model names differ only by a variant suffix (``-Instruct``, ``-Base``, ...): the same base model,
+    so gates of one plausibly serve the other."""
+
+    def base(name: str) -> str:
+        for suffix in SIBLING_SUFFIXES:
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+        return name
+
+    return base(model_name(first)) == base(model_name(second))
 
 
 class GateBank(nn.Module):
@@ -202,6 +229,46 @@ class GateBank(nn.Module):
             gates.append(gate)
         meta = GateMetadata(layout.model_id, layout.gated_layer_ids, {"source": "random", "seed": seed})
         return cls(gates, meta)
+
+    def digest(self) -> str:
+        """A short hash of the gates' layer ids and weights: equal banks, equal digests (metadata aside)."""
+        sha = hashlib.sha256(repr(tuple(self.layer_ids)).encode())
+        for gate in self.gates:
+            for key, value in gate.state_dict().items():
+                tensor = value.detach().cpu().contiguous()
+                sha.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                sha.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return sha.hexdigest()[:16]
+
+    def non_finite(self) -> list[str]:
+        """Names ``layer <id> <parameter>`` of the parameters that hold NaN or infinite values."""
+        return [
+            f"layer {layer_id} {key}"
+            for layer_id, gate in zip(self.layer_ids, self.gates)
+            for key, value in gate.state_dict().items()
+            if not bool(torch.isfinite(value).all())
+        ]
+
+    def check_model(self, layout: ModelLayout, allow_other_model: bool = False) -> None:
+        """Raise :class:`GateMismatchError` when the gates were made for another model than ``layout``'s.
+
+        Same-shaped models (two fine-tunes, a base model and its instruct variant) would load each other's gates
+        silently. Ids that differ only by a variant suffix (``-Instruct``, ``-Base``) get a warning; others are
+        refused unless ``allow_other_model`` (then a warning, and the model is remembered as accepted). Gates or
+        models without an id cannot be checked.
+        """
+        ours, theirs = self.metadata.model_id, layout.model_id
+        if not ours or not theirs or model_name(ours) == model_name(theirs) or theirs in self.metadata.accepted_models:
+            return
+        if not allow_other_model and not sibling_models(ours, theirs):
+            raise GateMismatchError(
+                f"these gates were trained for model {ours!r}, not {theirs!r} (same shapes, so they would load). "
+                f"Train gates for {theirs!r} with `fastkvzip-press train`, or, if it is a fine-tune of {ours!r} and "
+                "you mean to reuse them, pass allow_other_model=True to load_gates (--allow-other-model on the "
+                "command line)."
+            )
+        logger.warning("gates trained for %r are used on model %r", ours, theirs)
+        self.metadata.accepted_models = (*self.metadata.accepted_models, theirs)
 
     def check_fits(self, layout: ModelLayout) -> None:
         """Raise :class:`GateMismatchError` naming expected and found shapes when the bank does not fit ``layout``."""

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
 import torch
-from kvpress import DecodingPress
+from kvpress import ComposedPress, DecodingPress
 from kvpress.presses.scorer_press import ScorerPress
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
 from fastkvzip_press.cache import attention_implementation
+from fastkvzip_press.checks import KnobTypeError, require_choice, require_int, require_real, require_window
 from fastkvzip_press.eviction import HeadTargetBudget, Protection, decide
 from fastkvzip_press.gates import GateBank, GateSource, decoder_layers
+from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
-from fastkvzip_press.presses.gate_binding import GateBinding
+from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
 from fastkvzip_press.presses.padding import key_padding
 from fastkvzip_press.presses.score_ledger import ScoreLedger
 from fastkvzip_press.presses.scorer import FastKVzipScorerPress
@@ -112,24 +116,28 @@ class FastKVzipDecodingPress(DecodingPress):
     _warned_unscored: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        self.gates = check_gate_source(self.gates)
         if self.base_press is None:
             self.base_press = FastKVzipScorerPress(gates=self.gates)
-        if self.compression_interval < 1:
-            raise ValueError(f"compression_interval is a token count >= 1, got {self.compression_interval}")
-        if self.compression_ratio is not None and not 0 <= self.compression_ratio < 1:
-            raise ValueError(f"compression_ratio is the fraction removed, in [0, 1); got {self.compression_ratio}")
-        if self.target_size < 1:
-            raise ValueError(f"target_size is pairs per head, >= 1; got {self.target_size}")
-        if self.n_sink < 0 or self.window_size < 0:
-            raise ValueError(f"n_sink and window_size must be >= 0, got {self.n_sink} and {self.window_size}")
+        elif not isinstance(self.base_press, ScorerPress):
+            raise KnobTypeError(f"base_press must be a kvpress ScorerPress, got {type(self.base_press).__name__}")
+        self.compression_interval = require_int("compression_interval (new tokens)", self.compression_interval, 1)
+        if self.compression_ratio is not None:
+            self.compression_ratio = require_real(
+                "compression_ratio", self.compression_ratio, 0, 1, high_open=True, meaning="the fraction removed"
+            )
+        self.target_size = require_int("target_size (pairs per head)", self.target_size, 1)
+        self.hidden_states_buffer_size = require_int("hidden_states_buffer_size", self.hidden_states_buffer_size, 0)
+        self.n_sink = require_int("n_sink", self.n_sink, minimum=0)
+        # While decoding the window is pairs per head; the prefill press's fraction form has no length to apply to.
+        self.window_size = require_window("window_size of FastKVzipDecodingPress", self.window_size, fraction=False)
         if self.compression_ratio is None and self.n_sink + self.window_size >= self.target_size:
             raise ValueError(
                 f"n_sink={self.n_sink} + window_size={self.window_size} protect at least target_size="
                 f"{self.target_size} pairs per head, so nothing could ever be evicted; raise target_size or lower "
                 "n_sink / window_size"
             )
-        if self.compaction not in COMPACTIONS:
-            raise ValueError(f"compaction must be one of {tuple(COMPACTIONS)}, got {self.compaction!r}")
+        require_choice("compaction", self.compaction, tuple(COMPACTIONS))
         super().__post_init__()
 
     @property
@@ -139,7 +147,19 @@ class FastKVzipDecodingPress(DecodingPress):
 
     # ------------------------------------------------------------------------------------------------ lifecycle
 
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Generator:
+        with exclusive(self, model), super().__call__(model):
+            yield
+
     def post_init_from_model(self, model: PreTrainedModel) -> None:
+        wrapper = enclosing_wrapper(self)
+        if isinstance(wrapper, ComposedPress) and self.compression_ratio is None:
+            raise ValueError(
+                "ComposedPress multiplies its presses' compression_ratio, and FastKVzipDecodingPress(target_size=...) "
+                "has none. Give FastKVzipDecodingPress a compression_ratio inside ComposedPress, or combine it with a "
+                "prefill press through PrefillDecodingPress."
+            )
         if attention_implementation(model) == "eager":
             raise ValueError(
                 "FastKVzipDecodingPress does not support eager attention (the ragged attention and kvpress's "

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
+from fastkvzip_press.checks import KnobTypeError
 from fastkvzip_press.gates import GateBank, GateSource, load_gates
+
+
+def check_gate_source(gates: object) -> GateSource:
+    """``gates`` when it is a press's gate source (``None``, a path, a hub id or a :class:`GateBank`)."""
+    if gates is None or isinstance(gates, GateBank | os.PathLike):
+        return gates
+    if not isinstance(gates, str):
+        raise KnobTypeError(
+            f"gates must be None (shipped or released gates), a gate file or folder, a hub repository id or a "
+            f"GateBank, got {type(gates).__name__}"
+        )
+    if not gates.strip():
+        raise ValueError("gates is an empty string; pass None for the shipped gates, or a gate path")
+    return gates
 
 
 @dataclass

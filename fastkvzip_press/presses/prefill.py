@@ -14,6 +14,7 @@ from torch import nn
 from transformers import Cache, PreTrainedModel
 
 from fastkvzip_press.cache import attention_implementation
+from fastkvzip_press.checks import require_bool, require_choice, require_int, require_real, require_window
 from fastkvzip_press.eviction import (
     ChunkPlan,
     EvictionStats,
@@ -24,12 +25,20 @@ from fastkvzip_press.eviction import (
     decide,
 )
 from fastkvzip_press.gates import GateBank, GateSource, ModelLayout, decoder_layers
+from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
 from fastkvzip_press.presses.chunked_prefill import ChunkedPrefill
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
-from fastkvzip_press.presses.gate_binding import GateBinding
+from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
 from fastkvzip_press.presses.padding import key_padding
 
 logger = logging.getLogger(__name__)
+
+
+def _chunk_size_in_wrapper(wrapper: str) -> str:
+    return (
+        f"chunk_size needs FastKVzipPress's own context manager (it splits the prefill forward); {wrapper} prefills "
+        "the context in one pass, so leave chunk_size=None inside it, or enter FastKVzipPress(chunk_size=...) alone"
+    )
 
 
 @dataclass
@@ -92,27 +101,20 @@ class FastKVzipPress(BasePress):
     _own_hooks: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
-        if not 0 <= self.compression_ratio < 1:
-            raise ValueError(
-                "compression_ratio is the fraction of KV pairs removed and must be in [0, 1), "
-                f"got {self.compression_ratio}"
-            )
+        self.compression_ratio = require_real(
+            "compression_ratio", self.compression_ratio, 0, 1, high_open=True, meaning="the fraction of pairs removed"
+        )
+        self.gates = check_gate_source(self.gates)
         if self.threshold is not None:
-            if not 0 <= self.threshold <= 1:
-                raise ValueError(f"threshold compares with gate scores in (0, 1); got {self.threshold}")
+            self.threshold = require_real("threshold", self.threshold, 0, 1, meaning="gate scores lie in (0, 1)")
             if self.compression_ratio:
                 raise ValueError("give either compression_ratio or threshold, not both")
-        if self.n_sink < 0:
-            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
-        if isinstance(self.window_size, float) and not 0 < self.window_size < 1:
-            raise ValueError(f"a float window_size is a fraction of the context in (0, 1), got {self.window_size}")
-        if isinstance(self.window_size, int) and self.window_size < 0:
-            raise ValueError(f"window_size must be >= 0 tokens, got {self.window_size}")
-        if self.compaction not in COMPACTIONS:
-            raise ValueError(f"compaction must be one of {tuple(COMPACTIONS)}, got {self.compaction!r}")
+        self.n_sink = require_int("n_sink", self.n_sink, minimum=0)
+        self.window_size = require_window("window_size", self.window_size)
+        require_bool("layerwise", self.layerwise)
+        require_choice("compaction", self.compaction, tuple(COMPACTIONS))
         if self.chunk_size is not None:
-            if self.chunk_size < 1:
-                raise ValueError(f"chunk_size is a token count >= 1 (or None for one pass), got {self.chunk_size}")
+            self.chunk_size = require_int("chunk_size (a token count, or None for one pass)", self.chunk_size, 1)
             if self.compaction != "ragged":
                 raise ValueError("chunk_size bounds peak memory by evicting for real; it needs compaction='ragged'")
 
@@ -125,6 +127,8 @@ class FastKVzipPress(BasePress):
 
     def post_init_from_model(self, model: PreTrainedModel):
         """Bind the gates and prepare the model; kvpress wrappers (``PrefillDecodingPress``) call only this."""
+        if self.chunk_size is not None and (wrapper := enclosing_wrapper(self)) is not None:
+            raise ValueError(_chunk_size_in_wrapper(type(wrapper).__name__))
         if self._evicting() and attention_implementation(model) == "eager":
             raise ValueError(
                 f"FastKVzipPress(compaction={self.compaction!r}) does not support eager attention (kvpress's "
@@ -144,7 +148,11 @@ class FastKVzipPress(BasePress):
 
     @contextmanager
     def __call__(self, model: PreTrainedModel) -> Generator:
-        self.post_init_from_model(model)
+        with exclusive(self, model):
+            self.post_init_from_model(model)
+            yield from self._hooked(model)
+
+    def _hooked(self, model: PreTrainedModel) -> Generator:
         self._own_hooks = True
         hooks = [
             module.register_forward_hook(self.forward_hook, with_kwargs=True) for module in self._attention.values()
@@ -192,10 +200,7 @@ class FastKVzipPress(BasePress):
                 "kvpress wrapper such as PrefillDecodingPress (it cannot be nested in ComposedPress)"
             )
         if self.chunk_size is not None and not self._own_hooks:
-            raise ValueError(
-                "chunk_size needs FastKVzipPress's own context manager (it splits the prefill forward); inside "
-                "PrefillDecodingPress the context is prefilled in one pass, so leave chunk_size=None there"
-            )
+            raise ValueError(_chunk_size_in_wrapper("a kvpress wrapper"))
         self._scores[module.layer_idx] = bank.score(module.layer_idx, hidden_states)
         if module.layer_idx == bank.layer_ids[-1]:
             if chunked:

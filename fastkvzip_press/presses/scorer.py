@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -14,8 +16,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fastkvzip_press.cache import enable_ragged_attention, evict_from_tail
+from fastkvzip_press.checks import require_real
 from fastkvzip_press.gates import GateBank, GateSource
-from fastkvzip_press.presses.gate_binding import GateBinding
+from fastkvzip_press.presses.activation import exclusive
+from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
 from fastkvzip_press.presses.padding import key_padding
 
 logger = logging.getLogger(__name__)
@@ -63,10 +67,15 @@ class FastKVzipScorerPress(ScorerPress):
     _model: weakref.ReferenceType | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        if not 0 <= self.compression_ratio < 1:
-            raise ValueError(
-                f"compression_ratio is the fraction removed and must be in [0, 1), got {self.compression_ratio}"
-            )
+        self.compression_ratio = require_real(
+            "compression_ratio", self.compression_ratio, 0, 1, high_open=True, meaning="the fraction removed"
+        )
+        self.gates = check_gate_source(self.gates)
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Generator:
+        with exclusive(self, model), super().__call__(model):
+            yield
 
     @property
     def gate_bank(self) -> GateBank | None:

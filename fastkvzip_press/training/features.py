@@ -7,7 +7,8 @@ Each context window of ``context_len`` tokens becomes one shard ``shard_<k>.safe
 - header metadata: document name, window index, token count, layer ids, model id.
 
 Shards are written atomically and named by their position in the deterministic window order, so an interrupted
-extraction resumes by skipping the shards already on disk. RAM holds one window at a time.
+extraction resumes by skipping the shards already on disk (after checking that the same window of the same model
+wrote them). RAM holds one window at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from fastkvzip_press.training.corpus import Document
 logger = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard_*.safetensors"
+MIN_WINDOW = 256  # tokens: shorter windows (a document's last piece) are dropped
 _PLACEHOLDER = "\u2063CONTEXT\u2063"
 
 
@@ -54,7 +56,7 @@ def chat_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
 
 
 def iter_windows(
-    tokenizer: PreTrainedTokenizerBase, documents: Iterable[Document], context_len: int, min_len: int = 256
+    tokenizer: PreTrainedTokenizerBase, documents: Iterable[Document], context_len: int, min_len: int = MIN_WINDOW
 ) -> Iterator[Window]:
     """Consecutive ``context_len``-token windows of every document; a last piece shorter than ``min_len`` is dropped."""
     for document in documents:
@@ -89,6 +91,22 @@ def read_shard_metadata(path: Path) -> dict:
         raise _unreadable(path, error) from error
 
 
+def plan_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Iterable[Document],
+    context_len: int = 2048,
+    max_tokens: int | None = None,
+) -> list[Window]:
+    """The context windows an extraction takes, in order, until ``max_tokens`` context tokens (tokenizing only)."""
+    windows, total = [], 0
+    for window in iter_windows(tokenizer, documents, context_len):
+        if max_tokens is not None and total >= max_tokens:
+            break
+        windows.append(window)
+        total += len(window.ids)
+    return windows
+
+
 def extract_features(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -98,11 +116,48 @@ def extract_features(
     max_tokens: int | None = None,
     chunk_size: int = 2048,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> list[Path]:
     """Write one shard per context window until ``max_tokens`` context tokens; skip shards already written.
 
     Returns the shard paths in window order.
     """
+    windows = plan_windows(tokenizer, documents, context_len, max_tokens)
+    return write_shards(model, tokenizer, windows, directory, chunk_size, progress, allow_other_model)
+
+
+def _check_shard(path: Path, meta: dict, window: Window, layout: ModelLayout, allow_other_model: bool) -> None:
+    """Refuse a shard on disk that another corpus, context length or model wrote."""
+    if meta["document"] != window.document or meta["window"] != window.index:
+        raise ValueError(
+            f"{path} holds {meta['document']}#{meta['window']}, expected {window.document}#{window.index}: "
+            "the corpus or context length changed since it was written; use a fresh output folder"
+        )
+    if list(meta.get("layer_ids", [])) != list(layout.gated_layer_ids):
+        raise ValueError(
+            f"{path} holds features of layers {meta.get('layer_ids')}, but model {layout.model_id!r} gates layers "
+            f"{list(layout.gated_layer_ids)}: it was extracted from another model; use a fresh output folder"
+        )
+    written_by = meta.get("model_id", "")
+    if written_by and layout.model_id and written_by != layout.model_id and not allow_other_model:
+        raise ValueError(
+            f"{path} was extracted from model {written_by!r}, but this run uses {layout.model_id!r}: gates fitted on "
+            "a mix would fit neither. Use a fresh output folder, or pass --allow-other-model (allow_other_model=True) "
+            "if the two names are the same weights."
+        )
+
+
+def write_shards(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    windows: list[Window],
+    directory: str | Path,
+    chunk_size: int = 2048,
+    progress: bool = True,
+    allow_other_model: bool = False,
+) -> list[Path]:
+    """One shard per window (``shard_<position>``), skipping shards already on disk after checking that the same
+    window of the same model wrote them. Returns the shard paths in window order."""
     from fastkvzip_press.training.targets import kvzip_targets
 
     directory = Path(directory)
@@ -111,18 +166,12 @@ def extract_features(
     prefix = chat_prefix_ids(tokenizer)
     paths: list[Path] = []
     total = 0
-    bar = tqdm(total=max_tokens, unit="tok", desc="features", disable=not progress)
-    for position, window in enumerate(iter_windows(tokenizer, documents, context_len)):
-        if max_tokens is not None and total >= max_tokens:
-            break
+    bar = tqdm(total=sum(len(w.ids) for w in windows), unit="tok", desc="features", disable=not progress)
+    for position, window in enumerate(windows):
         path = shard_path(directory, position)
         if path.exists():
             meta = read_shard_metadata(path)
-            if meta["document"] != window.document or meta["window"] != window.index:
-                raise ValueError(
-                    f"{path} holds {meta['document']}#{meta['window']}, expected {window.document}#{window.index}: "
-                    "the corpus or context length changed since it was written; use a fresh output folder"
-                )
+            _check_shard(path, meta, window, layout, allow_other_model)
         else:
             input_ids = torch.cat([prefix, window.ids])[None].to(model.device)
             targets = kvzip_targets(
@@ -183,15 +232,29 @@ def load_split(paths: list[Path]) -> FeatureSplit:
     return FeatureSplit(torch.cat(hidden, dim=1), torch.cat(scores, dim=2), sorted(set(documents)))
 
 
-def split_by_document(paths: list[Path], val_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
-    """Hold out whole documents (not interleaved tokens) for validation; at least one each side when possible."""
-    by_document: dict[str, list[Path]] = {}
-    for path in paths:
-        by_document.setdefault(read_shard_metadata(path)["document"], []).append(path)
+def split_windows(documents: list[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Positions of the training and validation windows, given each window's document (in window order).
+
+    Whole documents are held out (not interleaved tokens), at least one each side. A corpus of one document is held
+    out by position instead: its last windows validate. Fewer than two windows leave validation empty.
+    """
+    by_document: dict[str, list[int]] = {}
+    for position, document in enumerate(documents):
+        by_document.setdefault(document, []).append(position)
     names = sorted(by_document)
+    if len(names) == 1:
+        positions = by_document[names[0]]
+        n_val = min(max(1, round(val_fraction * len(positions))), len(positions) - 1)
+        return positions[: len(positions) - n_val], positions[len(positions) - n_val :]
     order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = min(max(1, round(val_fraction * len(names))), len(names) - 1) if len(names) > 1 else 0
     val_names = {names[i] for i in order[:n_val]}
     train = [p for name in names if name not in val_names for p in by_document[name]]
     val = [p for name in names if name in val_names for p in by_document[name]]
     return train, val
+
+
+def split_by_document(paths: list[Path], val_fraction: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Shards of :func:`split_windows`'s training and validation sides."""
+    train, val = split_windows([read_shard_metadata(path)["document"] for path in paths], val_fraction, seed)
+    return [paths[i] for i in train], [paths[i] for i in val]

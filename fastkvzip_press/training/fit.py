@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastkvzip_press.checks import require_int, require_real
 from fastkvzip_press.gates.atomic import atomic_write
 from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank
 from fastkvzip_press.gates.layout import ModelLayout
@@ -46,6 +47,19 @@ class FitConfig:
     checkpoint_every: int = 250
     metric_threshold: float = 0.05
     seed: int = 0
+
+    def __post_init__(self):
+        require_int("steps", self.steps, 1)
+        require_real("lr", self.lr, 0, low_open=True)
+        require_real("momentum", self.momentum, 0, 1, high_open=True)
+        require_int("batch_tokens", self.batch_tokens, 1)
+        require_int("warmup_steps", self.warmup_steps, 0)
+        require_int("rank", self.rank, 1)
+        require_int("n_sink", self.n_sink, 1)
+        require_int("eval_every", self.eval_every, 1)
+        require_int("checkpoint_every", self.checkpoint_every, 1)
+        require_real("metric_threshold", self.metric_threshold, 0, 1, low_open=True, high_open=True)
+        require_int("seed", self.seed, 0)
 
 
 @dataclass

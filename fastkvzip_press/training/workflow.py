@@ -19,11 +19,20 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fastkvzip_press.checks import KnobTypeError, require_int, require_real
 from fastkvzip_press.gates import GateBank, save_gates
-from fastkvzip_press.gates.atomic import atomic_write
+from fastkvzip_press.gates.atomic import atomic_write, remove_stale_temporaries
 from fastkvzip_press.gates.layout import ModelLayout
-from fastkvzip_press.training.corpus import iter_documents
-from fastkvzip_press.training.features import extract_features, load_split, split_by_document
+from fastkvzip_press.training.corpus import BUILTIN, iter_documents
+from fastkvzip_press.training.features import (
+    MIN_WINDOW,
+    Window,
+    load_split,
+    plan_windows,
+    split_by_document,
+    split_windows,
+    write_shards,
+)
 from fastkvzip_press.training.fit import FitConfig, FitReport, fit_gates
 
 logger = logging.getLogger(__name__)
@@ -43,10 +52,21 @@ class TrainConfig:
     def __post_init__(self):
         if self.fit is None:
             self.fit = FitConfig()
-        if self.context_len < 256:
-            raise ValueError(f"context_len must be >= 256 tokens, got {self.context_len}")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        elif not isinstance(self.fit, FitConfig):
+            raise KnobTypeError(f"fit must be a FitConfig, got {type(self.fit).__name__}")
+        if self.corpus is not None and not isinstance(self.corpus, str | Path):
+            raise KnobTypeError(f"corpus must be a path, 'hf:<dataset>' or 'builtin', got {type(self.corpus).__name__}")
+        if self.corpus is not None and str(self.corpus) != BUILTIN and not str(self.corpus).startswith("hf:"):
+            if not Path(self.corpus).expanduser().exists():  # before a model loads, not after
+                raise FileNotFoundError(
+                    f"corpus {str(self.corpus)!r} not found: give a text file, a folder of .txt/.md files, a .parquet "
+                    "file, 'hf:<dataset>[:<config>]' or 'builtin'"
+                )
+        require_int("context_len (tokens per training context)", self.context_len, MIN_WINDOW)
+        if self.max_tokens is not None:
+            require_int("max_tokens (context tokens to extract)", self.max_tokens, MIN_WINDOW)
+        require_int("replay_chunk", self.replay_chunk, 1)
+        require_real("val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
 
 
 def train(
@@ -56,33 +76,40 @@ def train(
     config: TrainConfig,
     resume: bool = True,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> tuple[GateBank, dict]:
-    """Run every phase into ``out``; returns the fitted gates and the report written to ``report.json``."""
+    """Run every phase into ``out``; returns the fitted gates and the report written to ``report.json``.
+
+    Temporary files a killed run left in ``out`` are removed first. ``allow_other_model`` resumes on feature shards
+    that another model id wrote (the same weights under another name); otherwise they are refused.
+    """
     out = Path(out)
     layout = ModelLayout.from_model(model)
     times: dict[str, float] = {}
+    remove_stale_temporaries(out)
+
+    # Everything that can be known from the text alone is checked before the (long) extraction.
+    windows = plan_windows(tokenizer, iter_documents(config.corpus), config.context_len, config.max_tokens)
+    check_windows(windows, config)
 
     start = time.perf_counter()
-    paths = extract_features(
+    paths = write_shards(
         model,
         tokenizer,
-        iter_documents(config.corpus),
+        windows,
         out / "features",
-        context_len=config.context_len,
-        max_tokens=config.max_tokens,
         chunk_size=config.replay_chunk,
         progress=progress,
+        allow_other_model=allow_other_model,
     )
     times["features_s"] = time.perf_counter() - start
-    if not paths:
-        raise ValueError(f"the corpus gave no context window of at least 256 tokens: {config.corpus or 'builtin'}")
 
     start = time.perf_counter()
     train_paths, val_paths = split_by_document(paths, config.val_fraction, config.fit.seed)
     train_split, val_split = load_split(train_paths), load_split(val_paths) if val_paths else None
     times["load_s"] = time.perf_counter() - start
-    if val_split is None:
-        raise ValueError("validation is held out by document: the corpus needs at least two documents")
+    if val_split is None:  # check_windows rules this out
+        raise ValueError("no validation windows")
 
     bank, fit_report = fit_gates(layout, train_split, val_split, config.fit, out, resume=resume, progress=progress)
     times["fit_s"] = fit_report.seconds
@@ -110,6 +137,25 @@ def train(
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     plot_curves(fit_report, out / "curves.png")
     return bank, report
+
+
+def check_windows(windows: list[Window], config: TrainConfig) -> None:
+    """Refuse a corpus that cannot give a training and a validation side, or one training batch."""
+    source = config.corpus or "builtin"
+    if not windows:
+        raise ValueError(f"the corpus gave no context window of at least {MIN_WINDOW} tokens: {source}")
+    if len(windows) < 2:
+        raise ValueError(
+            f"the corpus {source} gives one context window of {len(windows[0].ids)} tokens; training needs at "
+            f"least two (one is held out for validation): add text, raise --max-tokens or lower --context-len"
+        )
+    train_positions, _ = split_windows([window.document for window in windows], config.val_fraction, config.fit.seed)
+    train_tokens = sum(len(windows[i].ids) for i in train_positions)
+    if train_tokens < config.fit.batch_tokens:
+        raise ValueError(
+            f"{train_tokens} training tokens are fewer than one batch of {config.fit.batch_tokens}; "
+            "extract more text (--max-tokens) or lower --batch-tokens"
+        )
 
 
 def plot_curves(report: FitReport, path: Path) -> None:

@@ -3,22 +3,8 @@
 import subprocess
 import sys
 
-import pytest
-
 from fastkvzip_press.cli import main
 from fastkvzip_press.evaluation.results import collect_runs
-from fastkvzip_press.gates import write_native
-from fastkvzip_press.models import tiny_model
-
-
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory, random_gates):
-    folder = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = tiny_model("llama")
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    write_native(random_gates(model, seed=2), folder / "gates")
-    return folder
 
 
 def test_the_command_runs_in_a_fresh_interpreter(saved_tiny, tmp_path):

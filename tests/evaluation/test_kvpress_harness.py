@@ -50,7 +50,7 @@ def test_output_dir_is_resolved_from_the_callers_folder(tmp_path, monkeypatch):
 
 def test_kvpress_evaluate_writes_leaderboard_folders_with_our_presses(tmp_path, harness, random_gates):
     model, tokenizer = tiny_model("llama")
-    model_dir = tmp_path / "tiny-llama"
+    model_dir = tmp_path / "tiny-random-llama"  # its own name: the gates record it
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     gates_dir = tmp_path / "gates"
