@@ -15,14 +15,14 @@ Writes ``<out>/batch.{csv,md,png}`` (default ``benchmarks/results``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from isolated import run_isolated, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "ragged", "masked")
@@ -85,15 +85,6 @@ def _worker(config: dict) -> dict:
         "tokens_per_s": ids.shape[0] / statistics.median(step_times),
         "achieved_ratio": press.last_stats.compression_ratio if press is not None else 0.0,
     }
-
-
-def _run_isolated(config: dict) -> dict:
-    completed = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, check=False
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"configuration {config} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:
@@ -184,12 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 for ratio in args.ratios
                 for mode in MODES[1:]
             ]
-    rows = _with_ratios([_run_isolated(config) for config in tqdm(configs, desc="configurations")])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "batch.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = _with_ratios([run_isolated(__file__, config) for config in tqdm(configs, desc="configurations")])
+    write_csv(rows, args.out / "batch.csv")
     command = "python benchmarks/batch.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = _markdown(rows, command.strip())
     (args.out / "batch.md").write_text(table)

@@ -14,14 +14,13 @@ Writes ``<out>/memory_speed.{csv,md,png}`` (default ``benchmarks/results``). Gat
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from isolated import run_isolated, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "masked", "ragged", "ragged+chunked")
@@ -94,15 +93,6 @@ def _worker(config: dict) -> dict:
         "decode_ms_per_token": 1000 * statistics.median(step_times),
         "achieved_ratio": press.last_stats.compression_ratio if press and press.last_stats else 0.0,
     }
-
-
-def _run_isolated(config: dict) -> dict:
-    completed = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, check=False
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"configuration {config} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def _with_ratios(rows: list[dict]) -> list[dict]:
@@ -193,12 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     configs += [
         {**shared, "context": c, "ratio": r, "mode": m} for c in args.contexts for m in MODES[1:] for r in args.ratios
     ]
-    rows = _with_ratios([_run_isolated(config) for config in tqdm(configs, desc="configurations")])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "memory_speed.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = _with_ratios([run_isolated(__file__, config) for config in tqdm(configs, desc="configurations")])
+    write_csv(rows, args.out / "memory_speed.csv")
     table = _markdown(rows)
     (args.out / "memory_speed.md").write_text(table)
     _plot(rows, args.out / "memory_speed.png")
