@@ -15,14 +15,13 @@ Writes ``<out>/batch.{csv,md,png}`` (default ``benchmarks/results``).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from isolated import run_isolated, write_csv
+from isolated import add_shared_arguments, ran_as_worker, run_isolated, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "ragged", "masked")
@@ -154,13 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--gates", default=None, help="gate file or folder (default: random gates, seed 0)")
-    parser.add_argument("--model-cache", default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_shared_arguments(parser, ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+    if ran_as_worker(args, _worker):
         return 0
     from tqdm import tqdm
 
@@ -176,13 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in MODES[1:]
             ]
     rows = _with_ratios([run_isolated(__file__, config) for config in tqdm(configs, desc="configurations")])
-    write_csv(rows, args.out / "batch.csv")
     command = "python benchmarks/batch.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    table = _markdown(rows, command.strip())
-    (args.out / "batch.md").write_text(table)
-    _plot(rows, args.out / "batch.png")
-    print(table)
-    print(f"written: {args.out}/batch.{{csv,md,png}}")
+    write_results(rows, args.out, "batch", _markdown(rows, command.strip()), _plot)
     return 0
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -26,3 +28,28 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The flags every isolated benchmark takes: gates, model cache, output folder, and the hidden worker flag."""
+    parser.add_argument("--gates", default=None, help="gate file or folder (default: random gates, seed 0)")
+    parser.add_argument("--model-cache", default=None)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def ran_as_worker(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bool:
+    """When this process is a worker (``--worker``), run its configuration, print the result and say so."""
+    if not args.worker:
+        return False
+    print(json.dumps(worker(json.loads(args.worker))))
+    return True
+
+
+def write_results(rows: list[dict], out: Path, name: str, table: str, plot: Callable[[list[dict], Path], None]) -> None:
+    """``<out>/<name>.csv``, ``.md`` (``table``) and ``.png`` (drawn by ``plot``); prints the table."""
+    write_csv(rows, out / f"{name}.csv")
+    (out / f"{name}.md").write_text(table)
+    plot(rows, out / f"{name}.png")
+    print(table)
+    print(f"written: {out}/{name}.{{csv,md,png}}")

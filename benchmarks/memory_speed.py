@@ -14,13 +14,12 @@ Writes ``<out>/memory_speed.{csv,md,png}`` (default ``benchmarks/results``). Gat
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
 from pathlib import Path
 
-from isolated import run_isolated, write_csv
+from isolated import add_shared_arguments, ran_as_worker, run_isolated, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("none", "masked", "ragged", "ragged+chunked")
@@ -164,13 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.7, 0.9])
     parser.add_argument("--decode-tokens", type=int, default=24)
     parser.add_argument("--chunk-size", type=int, default=1024)
-    parser.add_argument("--gates", default=None, help="gate file or folder (default: random gates, seed 0)")
-    parser.add_argument("--model-cache", default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_shared_arguments(parser, ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+    if ran_as_worker(args, _worker):
         return 0
     if max(args.contexts) + args.decode_tokens + 2 > MAX_CONTEXT:
         parser.error(f"context + decoded tokens must fit the model's {MAX_CONTEXT} positions")
@@ -184,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         {**shared, "context": c, "ratio": r, "mode": m} for c in args.contexts for m in MODES[1:] for r in args.ratios
     ]
     rows = _with_ratios([run_isolated(__file__, config) for config in tqdm(configs, desc="configurations")])
-    write_csv(rows, args.out / "memory_speed.csv")
-    table = _markdown(rows)
-    (args.out / "memory_speed.md").write_text(table)
-    _plot(rows, args.out / "memory_speed.png")
-    print(table)
-    print(f"written: {args.out}/memory_speed.{{csv,md,png}}")
+    write_results(rows, args.out, "memory_speed", _markdown(rows), _plot)
     return 0
 
 

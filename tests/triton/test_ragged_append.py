@@ -25,6 +25,14 @@ def appends(draw):
     return buffer.to(KERNEL_DEVICE), as_index(starts), as_index(lengths), new_rows.to(KERNEL_DEVICE)
 
 
+def assert_triton_matches_reference(buffer, starts, lengths, new_rows):
+    got, expected = buffer.clone(), buffer.clone()
+    with kernel_backend("triton"):
+        kernels.ragged_append(got, starts, lengths, new_rows)
+    ragged_append_reference(expected, starts, lengths, new_rows)
+    assert torch.equal(got, expected)
+
+
 @FEW
 @given(appends())
 def test_append_reference_matches_loop(case):
@@ -39,12 +47,7 @@ def test_append_reference_matches_loop(case):
 @FEW
 @given(appends())
 def test_append_triton_matches_reference(needs_triton, case):
-    buffer, starts, lengths, new_rows = case
-    got, expected = buffer.clone(), buffer.clone()
-    with kernel_backend("triton"):
-        kernels.ragged_append(got, starts, lengths, new_rows)
-    ragged_append_reference(expected, starts, lengths, new_rows)
-    assert torch.equal(got, expected)
+    assert_triton_matches_reference(*case)
 
 
 def test_append_writes_into_a_view(needs_triton):
@@ -91,9 +94,4 @@ def batch_appends(draw):
 @FEW
 @given(batch_appends())
 def test_append_to_a_batch_triton_matches_reference(needs_triton, case):
-    buffer, starts, lengths, new_rows = case
-    got, expected = buffer.clone(), buffer.clone()
-    with kernel_backend("triton"):
-        kernels.ragged_append(got, starts, lengths, new_rows)
-    ragged_append_reference(expected, starts, lengths, new_rows)
-    assert torch.equal(got, expected)
+    assert_triton_matches_reference(*case)
