@@ -10,54 +10,55 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fastkvzip_press.checks import require_int, require_real, require_window
+
 logger = logging.getLogger("fastkvzip_press")
 
 
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in ``[minimum, maximum]``."""
+def _integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (checked by :func:`~fastkvzip_press.checks.require_int`)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
+        try:
+            return require_int("the value", value, minimum)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse
 
 
 def _fraction(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number between ``low`` and ``high`` (each bound open or closed)."""
+    """An argparse type: a finite number between ``low`` and ``high`` (checked by
+    :func:`~fastkvzip_press.checks.require_real`)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        below = value <= low if low_open else value < low
-        above = value >= high if high_open else value > high
-        if not math.isfinite(value) or below or above:
-            span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
-        return value
+        try:
+            return require_real("the value", value, low, high, low_open=low_open, high_open=high_open)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse
 
 
 def _window(text: str) -> int | float:
-    """--window-size: a fraction of the context in (0, 1), or a whole number of tokens >= 0."""
+    """--window-size: a fraction of the context in (0, 1), or a whole number of tokens >= 0 (checked by
+    :func:`~fastkvzip_press.checks.require_window`)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a token count, got {text!r}") from None
-    if 0 < value < 1:
-        return value
-    if not math.isfinite(value) or value < 0 or value != int(value):
-        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) or a whole number of tokens >= 0, got {text}")
-    return int(value)
+    try:
+        return require_window("the value", int(value) if math.isfinite(value) and value == int(value) else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) or a whole number of tokens >= 0, got {text}") from None
 
 
 def _format_bytes(n_bytes: float) -> str:
@@ -394,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-tokens", type=_integer(256), default=200_000, help="context tokens to extract")
     tr.add_argument("--context-len", type=_integer(256), default=2048, help="tokens per training context")
     tr.add_argument("--steps", type=_integer(1), default=5000)
-    tr.add_argument("--lr", type=_fraction(0, math.inf, low_open=True, high_open=True), default=0.2)
+    tr.add_argument("--lr", type=_fraction(0, None, low_open=True, high_open=True), default=0.2)
     tr.add_argument("--batch-tokens", type=_integer(1), default=1000)
     tr.add_argument(
         "--val-fraction",

@@ -133,16 +133,14 @@ def execute_runs(
         run.config.dataset_fingerprint = fingerprint
         run.config.gates_digest = digest if run.spec.uses_gates else None
         press = run.spec.build(run.value, resources)
-        run.config.press_init_command = str(press)
+        run.config.press_init_command = str(press)  # before running: a threshold press overwrites its ratio
         if is_finished(run.folder):
-            identity = {key: getattr(run.config, key) for key in IDENTITY_FIELDS}
-            check_same_run(run.folder, identity)
+            check_same_run(run.folder, {key: getattr(run.config, key) for key in IDENTITY_FIELDS})
             logger.info("%s: finished earlier, skipped", run.folder.name)
         else:
-            todo.append(run)
-    for run in tqdm(todo, desc="runs", disable=not progress):
+            todo.append((run, press))
+    for run, press in tqdm(todo, desc="runs", disable=not progress):
         start = time.perf_counter()
-        press = run.spec.build(run.value, resources)
         answered = answer_rows(pipe, rows, press, progress=progress, desc=f"{run.config.press_name} {run.value:.2f}")
         metrics = ruler_metrics(answered)
         # kvpress's predictions.csv names the answer predicted_answer; the per-row score lives in metrics.json

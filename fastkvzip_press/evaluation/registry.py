@@ -70,10 +70,6 @@ class PressSpec:
     default: float = 0.0
     uses_gates: bool = False
 
-    def __post_init__(self):
-        if self.ours:
-            object.__setattr__(self, "uses_gates", True)
-
 
 def _gates(resources: PressResources):
     """The bank itself when the model is known (checked against it, and named in the run's config), else the
@@ -142,7 +138,11 @@ PRESS_SPECS: dict[str, PressSpec] = {
     for spec in (
         PressSpec("no_press", "full cache", lambda value, resources: None, knob="none"),
         PressSpec(
-            "fastkvzip_press", "ours: FastKVzipPress, one global budget, ragged (memory freed)", _fastkvzip(), ours=True
+            "fastkvzip_press",
+            "ours: FastKVzipPress, one global budget, ragged (memory freed)",
+            _fastkvzip(),
+            ours=True,
+            uses_gates=True,
         ),
         PressSpec(
             "fastkvzip_press_threshold",
@@ -150,18 +150,21 @@ PRESS_SPECS: dict[str, PressSpec] = {
             _fastkvzip_threshold,
             knob="threshold",
             ours=True,
+            uses_gates=True,
         ),
         PressSpec(
             "fastkvzip_press_chunked",
             f"ours: FastKVzipPress(chunk_size={CHUNK_SIZE}), chunked prefill with eviction after each chunk",
             _fastkvzip(chunk_size=CHUNK_SIZE),
             ours=True,
+            uses_gates=True,
         ),
         PressSpec(
             "adakv_fastkvzip_scorer",
             "ours inside kvpress: AdaKVPress(FastKVzipScorerPress), per-layer budget, masked",
             _adakv_scorer,
             ours=True,
+            uses_gates=True,
         ),
         PressSpec(
             "decoding_fastkvzip_press",
@@ -169,6 +172,7 @@ PRESS_SPECS: dict[str, PressSpec] = {
             _decoding,
             knob="target_size",
             ours=True,
+            uses_gates=True,
             default=2048,
         ),
         PressSpec(

@@ -117,11 +117,6 @@ def check_same_run(folder: Path, expected: dict[str, str | None]) -> None:
             )
 
 
-def check_same_dataset(folder: Path, fingerprint: str) -> None:
-    """Raise if a finished run in ``folder`` was made on other rows (other samples, seed, tasks or budget)."""
-    check_same_run(folder, {"dataset_fingerprint": fingerprint})
-
-
 def write_run(folder: Path, records: list[dict], metrics: dict, config: RunConfig) -> None:
     """Write a finished run: ``config.yaml``, ``predictions.csv``, then ``metrics.json`` (the completion mark).
 

@@ -64,13 +64,18 @@ def bank_from_state_dicts(
         raise
     except _MALFORMED as error:
         raise GateFileError(f"{origin}: malformed gate data ({type(error).__name__}: {error})") from error
+    require_finite(bank, origin)
+    return bank
+
+
+def require_finite(bank: GateBank, origin: str) -> None:
+    """Raise :class:`GateFileError` when a gate weight of ``bank`` (read from ``origin``) is NaN or infinite."""
     bad = bank.non_finite()
     if bad:
         raise GateFileError(
             f"{origin}: gate weights hold NaN or infinite values ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}"
             "); the file is corrupt or its training diverged. Retrain or re-export the gates."
         )
-    return bank
 
 
 def _assemble(

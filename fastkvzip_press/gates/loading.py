@@ -19,6 +19,7 @@ from fastkvzip_press.gates.formats import (
     GateFileNotFoundError,
     read_native,
     read_released,
+    require_finite,
     write_native,
     write_released,
 )
@@ -108,9 +109,7 @@ def load_gates(
     layout = ModelLayout.from_model(model) if model is not None else None
     if isinstance(source, GateBank):
         bank = source
-        bad = bank.non_finite()
-        if bad:
-            raise GateFileError(f"the gate bank holds NaN or infinite values ({', '.join(bad[:4])})")
+        require_finite(bank, "the gate bank")
     elif source is None and layout is not None and (shipped := load_shipped(layout.model_id)) is not None:
         bank = shipped
     else:

@@ -65,8 +65,20 @@ def _hub(spec: str) -> Iterator[Document]:
             yield Document(f"{name}:{row}", example["text"])
 
 
+def check_source(source: str | Path | None) -> None:
+    """Raise ``FileNotFoundError`` when ``source`` names a local corpus path that does not exist."""
+    if source is None or str(source) == BUILTIN or (isinstance(source, str) and source.startswith("hf:")):
+        return
+    if not Path(source).exists():
+        raise FileNotFoundError(
+            f"corpus {str(source)!r} not found: give a text file, a folder of .txt/.md files, a .parquet file, "
+            "'hf:<dataset>[:<config>]' or 'builtin'"
+        )
+
+
 def iter_documents(source: str | Path | None = None) -> Iterator[Document]:
     """Documents of ``source`` in a deterministic order (see the module docstring for the accepted sources)."""
+    check_source(source)
     if source is None or str(source) == BUILTIN:
         yield from _builtin()
         return
@@ -74,11 +86,6 @@ def iter_documents(source: str | Path | None = None) -> Iterator[Document]:
         yield from _hub(source[3:])
         return
     path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"corpus {source!r} not found: give a text file, a folder of .txt/.md files, a .parquet file, "
-            "'hf:<dataset>[:<config>]' or 'builtin'"
-        )
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES or p.suffix == ".parquet")
         if not files:

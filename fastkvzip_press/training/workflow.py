@@ -23,13 +23,12 @@ from fastkvzip_press.checks import KnobTypeError, require_int, require_real
 from fastkvzip_press.gates import GateBank, save_gates
 from fastkvzip_press.gates.atomic import atomic_write, remove_stale_temporaries
 from fastkvzip_press.gates.layout import ModelLayout
-from fastkvzip_press.training.corpus import BUILTIN, iter_documents
+from fastkvzip_press.training.corpus import check_source, iter_documents
 from fastkvzip_press.training.features import (
     MIN_WINDOW,
     Window,
     load_split,
     plan_windows,
-    split_by_document,
     split_windows,
     write_shards,
 )
@@ -56,12 +55,7 @@ class TrainConfig:
             raise KnobTypeError(f"fit must be a FitConfig, got {type(self.fit).__name__}")
         if self.corpus is not None and not isinstance(self.corpus, str | Path):
             raise KnobTypeError(f"corpus must be a path, 'hf:<dataset>' or 'builtin', got {type(self.corpus).__name__}")
-        if self.corpus is not None and str(self.corpus) != BUILTIN and not str(self.corpus).startswith("hf:"):
-            if not Path(self.corpus).expanduser().exists():  # before a model loads, not after
-                raise FileNotFoundError(
-                    f"corpus {str(self.corpus)!r} not found: give a text file, a folder of .txt/.md files, a .parquet "
-                    "file, 'hf:<dataset>[:<config>]' or 'builtin'"
-                )
+        check_source(self.corpus)  # before a model loads, not after
         require_int("context_len (tokens per training context)", self.context_len, MIN_WINDOW)
         if self.max_tokens is not None:
             require_int("max_tokens (context tokens to extract)", self.max_tokens, MIN_WINDOW)
@@ -90,7 +84,7 @@ def train(
 
     # Everything that can be known from the text alone is checked before the (long) extraction.
     windows = plan_windows(tokenizer, iter_documents(config.corpus), config.context_len, config.max_tokens)
-    check_windows(windows, config)
+    train_positions, val_positions = check_windows(windows, config)
 
     start = time.perf_counter()
     paths = write_shards(
@@ -105,11 +99,9 @@ def train(
     times["features_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    train_paths, val_paths = split_by_document(paths, config.val_fraction, config.fit.seed)
-    train_split, val_split = load_split(train_paths), load_split(val_paths) if val_paths else None
+    train_split = load_split([paths[i] for i in train_positions])
+    val_split = load_split([paths[i] for i in val_positions])
     times["load_s"] = time.perf_counter() - start
-    if val_split is None:  # check_windows rules this out
-        raise ValueError("no validation windows")
 
     bank, fit_report = fit_gates(layout, train_split, val_split, config.fit, out, resume=resume, progress=progress)
     times["fit_s"] = fit_report.seconds
@@ -139,8 +131,9 @@ def train(
     return bank, report
 
 
-def check_windows(windows: list[Window], config: TrainConfig) -> None:
-    """Refuse a corpus that cannot give a training and a validation side, or one training batch."""
+def check_windows(windows: list[Window], config: TrainConfig) -> tuple[list[int], list[int]]:
+    """The positions of the training and validation windows (:func:`split_windows`); refuses a corpus that cannot
+    give both sides, or one training batch."""
     source = config.corpus or "builtin"
     if not windows:
         raise ValueError(f"the corpus gave no context window of at least {MIN_WINDOW} tokens: {source}")
@@ -149,13 +142,15 @@ def check_windows(windows: list[Window], config: TrainConfig) -> None:
             f"the corpus {source} gives one context window of {len(windows[0].ids)} tokens; training needs at "
             f"least two (one is held out for validation): add text, raise --max-tokens or lower --context-len"
         )
-    train_positions, _ = split_windows([window.document for window in windows], config.val_fraction, config.fit.seed)
+    positions = split_windows([window.document for window in windows], config.val_fraction, config.fit.seed)
+    train_positions = positions[0]
     train_tokens = sum(len(windows[i].ids) for i in train_positions)
     if train_tokens < config.fit.batch_tokens:
         raise ValueError(
             f"{train_tokens} training tokens are fewer than one batch of {config.fit.batch_tokens}; "
             "extract more text (--max-tokens) or lower --batch-tokens"
         )
+    return positions
 
 
 def plot_curves(report: FitReport, path: Path) -> None:
