@@ -69,27 +69,32 @@ def _per_segment_attention(
 ) -> torch.Tensor:
     """SDPA over each segment's contiguous rows: query ``[B, Hq, t, D]`` → ``[B, Hq, t, D]``; ``new_rows [B, t, t]``
     narrows what the queries see of the rows appended with them (padding)."""
-    _, n_q_heads, q_len, _ = query.shape
-    group = n_q_heads // layer.num_heads
-    out = torch.empty_like(query)
+    bsz, n_q_heads, q_len, head_dim = query.shape
+    n_heads = layer.num_heads
+    # Views of every segment's rows from one split per buffer and one unbind of the queries: at decoding a small
+    # model's step is mostly per-call overhead, so each segment costs one SDPA call and nothing else.
+    lengths, capacities = layer.head_lengths, layer.head_capacities
+    sizes = [size for length, capacity in zip(lengths, capacities) for size in (length, capacity - length)]
+    keys = layer.key_buffer.view(1, 1, -1, head_dim).split(sizes, dim=2)[::2]
+    values = layer.value_buffer.view(1, 1, -1, head_dim).split(sizes, dim=2)[::2]
+    queries = query.reshape(bsz * n_heads, 1, n_q_heads // n_heads, q_len, head_dim).unbind(0)  # [1, G, t, D] each
     masks: dict[int, torch.Tensor] = {}
-    for segment, (start, length) in enumerate(layer.segment_bounds()):
-        sequence, head = divmod(segment, layer.num_heads)
-        keys = layer.key_buffer[start : start + length].unsqueeze(0).unsqueeze(0)  # [1, 1, n, D]
-        values = layer.value_buffer[start : start + length].unsqueeze(0).unsqueeze(0)
+    outputs = []
+    for segment, length in enumerate(lengths):
         mask = None
         if new_rows is not None:
             mask = torch.ones(q_len, length, dtype=torch.bool, device=query.device)
-            mask[:, length - q_len :] = new_rows[sequence]
+            mask[:, length - q_len :] = new_rows[segment // n_heads]
         elif q_len > 1:
             if length not in masks:
                 masks[length] = bottom_right_causal_mask(q_len, length, query.device)
             mask = masks[length]
-        heads = slice(head * group, (head + 1) * group)
-        out[sequence : sequence + 1, heads] = F.scaled_dot_product_attention(
-            query[sequence : sequence + 1, heads], keys, values, attn_mask=mask, scale=scaling, enable_gqa=True
+        outputs.append(
+            F.scaled_dot_product_attention(
+                queries[segment], keys[segment], values[segment], attn_mask=mask, scale=scaling, enable_gqa=True
+            )
         )
-    return out
+    return torch.cat(outputs).view(bsz, n_q_heads, q_len, head_dim)
 
 
 def _varlen_available(query: torch.Tensor) -> bool:

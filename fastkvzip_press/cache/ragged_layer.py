@@ -85,8 +85,9 @@ class RaggedLayer(CacheLayerMixin):
             ``get_seq_length`` reports: the batch's common length).
         pad_tokens: per sequence, padding positions of its logical length (never stored).
         spare_tokens: spare rows given to every segment whenever the layer is (re)built.
-        columns: side columns ``{name: [M]}`` laid out like the buffers; appended rows get the column's fill value,
-            except :data:`POSITIONS` (see :meth:`track_positions`), which gets each new row's logical position.
+        columns: side columns ``{name: [M]}`` laid out like the buffers; spare rows, hence appended rows, hold the
+            column's fill value, except in :data:`POSITIONS` (see :meth:`track_positions`), where each new row gets
+            its logical position.
     """
 
     is_sliding = False
@@ -172,6 +173,7 @@ class RaggedLayer(CacheLayerMixin):
         for name, fill, column in zip(names, fills, side):
             layer.columns[name] = column
             layer._fill[name] = fill
+        layer._fill_spare_rows()
         return layer
 
     # ----------------------------------------------------------------------------------------------- geometry
@@ -179,6 +181,12 @@ class RaggedLayer(CacheLayerMixin):
     @property
     def num_heads(self) -> int:
         return len(self._lengths_host) // self.batch_size
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape ``[B, H, T, D]`` (``T``: tokens appended over the layer's life). Attention wrappers
+        that read ``key.shape`` (kvpress's masking patch, when it wraps the ragged attention) see the full length."""
+        return torch.Size((self.batch_size, self.num_heads, self.logical_length, self.head_dim))
 
     @property
     def sequence_lengths(self) -> list[int]:
@@ -377,21 +385,21 @@ class RaggedLayer(CacheLayerMixin):
         if any(length + n_new > capacity for length, capacity in zip(self._lengths_host, self._capacities_host)):
             self._rebuild(spare=n_new + self.spare_tokens)
         n_segments = len(self._lengths_host)
-        new_rows = {
-            "keys": key_states.reshape(n_segments, n_new, -1).to(self.dtype),
-            "values": value_states.reshape(n_segments, n_new, -1).to(self.dtype),
-        }
-        ragged_append(self.key_buffer, self.starts, self.lengths, new_rows["keys"])
-        ragged_append(self.value_buffer, self.starts, self.lengths, new_rows["values"])
-        for name, column in self.columns.items():
-            if name == POSITIONS:
-                fresh = torch.arange(
-                    self.logical_length, self.logical_length + n_new, dtype=column.dtype, device=self.device
-                )
-                fresh = fresh.expand(n_segments, -1).contiguous()
-            else:
-                fresh = torch.full((n_segments, n_new), self._fill[name], dtype=column.dtype, device=self.device)
-            ragged_append(column, self.starts, self.lengths, fresh)
+        buffers = [self.key_buffer, self.value_buffer]
+        # At decoding every op counts (a small model's step is mostly per-call overhead): convert only if needed.
+        rows = [
+            new.reshape(n_segments, n_new, -1)
+            if new.dtype == self.dtype
+            else new.reshape(n_segments, n_new, -1).to(self.dtype)
+            for new in (key_states, value_states)
+        ]
+        if POSITIONS in self.columns:  # other columns need no write: their spare rows already hold their fill value
+            fresh = torch.arange(
+                self.logical_length, self.logical_length + n_new, dtype=torch.int32, device=self.device
+            )
+            buffers.append(self.columns[POSITIONS])
+            rows.append(fresh.expand(n_segments, -1).contiguous())
+        ragged_append(buffers, self.starts, self.lengths, rows)
         self.lengths += n_new
         self._lengths_host = [length + n_new for length in self._lengths_host]
         self.logical_length += n_new
@@ -418,6 +426,24 @@ class RaggedLayer(CacheLayerMixin):
         self.starts, self.lengths, self.capacities = packed.starts, packed.lengths, packed.capacities
         self._lengths_host = packed.lengths.tolist()
         self._capacities_host = packed.capacities.tolist()
+        self._fill_spare_rows()
+
+    def _fill_spare_rows(self) -> None:
+        """Write each side column's fill value into its spare rows (compaction leaves zeros there), so that appending
+        never writes the columns filled by value: a row appended later already reads the fill value."""
+        filled = [name for name in self.columns if name != POSITIONS]
+        if not filled:
+            return
+        segment = torch.repeat_interleave(
+            torch.arange(len(self._capacities_host), device=self.device),
+            self.capacities,
+            output_size=self.key_buffer.shape[0],
+        )
+        spare = (
+            torch.arange(self.key_buffer.shape[0], device=self.device) - self.starts[segment] >= self.lengths[segment]
+        )
+        for name in filled:
+            self.columns[name].masked_fill_(spare, self._fill[name])
 
     def truncate(self, length: int) -> None:
         """Roll back to ``length`` logical tokens by dropping the most recent appended tokens of every segment."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastkvzip_press.gates.layout import ModelLayout
@@ -44,8 +45,9 @@ class RMSNormFP32(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if x.dtype == torch.float32:  # nothing to round: one fused call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -83,6 +85,22 @@ class SinkGate(nn.Module):
         self.b = nn.Parameter(torch.zeros(num_kv_heads, 1, group_size, dtype=dtype))
         self.k_base = nn.Parameter(torch.zeros(num_kv_heads, 1, n_sink, rank, dtype=torch.float32))
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised gate queries and keys of hidden states ``x [B, N, D]``.
+
+        Returns:
+            queries ``[B, N, H, G, r]`` and keys ``[B, N, H, r]``, fp32. Both projections run as one matmul in the
+            weights' dtype (the query bias extended with zeros for the keys).
+        """
+        bsz, n_tokens, _ = x.shape
+        heads, group, rank = self.num_kv_heads, self.group_size, self.rank
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.q_proj.bias.new_zeros(heads * rank)])
+        queries, keys = F.linear(x.to(weight.dtype), weight, bias).split([heads * group * rank, heads * rank], -1)
+        return self.q_norm(queries.view(bsz, n_tokens, heads, group, rank)), self.k_norm(
+            keys.view(bsz, n_tokens, heads, rank)
+        )
+
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Own-key and sink logits.
 
@@ -92,12 +110,8 @@ class SinkGate(nn.Module):
         Returns:
             own ``[B, H, N, G]`` and sinks ``[B, H, N, S, G]``, fp32. The bias ``b`` is added once.
         """
-        bsz, n_tokens, _ = x.shape
-        heads, group, rank = self.num_kv_heads, self.group_size, self.rank
-        x = x.to(self.q_proj.weight.dtype)
-        q = self.q_norm(self.q_proj(x).view(bsz, n_tokens, heads, group, rank))  # [B, N, H, G, r] fp32
-        k = self.k_norm(self.k_proj(x).view(bsz, n_tokens, heads, rank))  # [B, N, H, r] fp32
-        scale = 1.0 / math.sqrt(rank)
+        q, k = self.projections(x)
+        scale = 1.0 / math.sqrt(self.rank)
         own = torch.einsum("bnhr,bnhgr->bhng", k, q) * scale + self.b.float().squeeze(1)[None, :, None, :]
         sinks = torch.einsum("hsr,bnhgr->bhnsg", self.k_base.float().squeeze(1), q) * scale
         return own, sinks

@@ -7,6 +7,7 @@ The buffer layout is the one of :mod:`fastkvzip_press.triton.ragged_compact`: se
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -57,14 +58,45 @@ def _check(buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, ne
         raise TypeError(f"new_rows dtype {new_rows.dtype} differs from the buffer's {buffer.dtype}")
 
 
-def ragged_append_reference(
-    buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor
-) -> None:
+Rows = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _pairs(buffers: Rows, new_rows: Rows) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer, new rows)`` pairs from one tensor each or two lists of the same length."""
+    if isinstance(buffers, torch.Tensor):
+        buffers, new_rows = [buffers], [new_rows]
+    if isinstance(new_rows, torch.Tensor) or len(buffers) != len(new_rows):
+        raise ValueError("give one tensor of new rows per buffer (two tensors, or two lists of the same length)")
+    return list(zip(buffers, new_rows))
+
+
+def ragged_append_reference(buffers: Rows, starts: torch.Tensor, lengths: torch.Tensor, new_rows: Rows) -> None:
     """Torch implementation of :func:`ragged_append` (same contract, same results)."""
-    _check(buffer, starts, lengths, new_rows)
-    n_segments, n_new = new_rows.shape[:2]
-    targets = (starts.long() + lengths.long())[:, None] + torch.arange(n_new, device=buffer.device)
-    buffer.index_copy_(0, targets.reshape(-1), new_rows.reshape(n_segments * n_new, *buffer.shape[1:]))
+    pairs = _checked_pairs(buffers, starts, lengths, new_rows)
+    _append_reference(pairs, starts, lengths)
+
+
+def _checked_pairs(
+    buffers: Rows, starts: torch.Tensor, lengths: torch.Tensor, new_rows: Rows
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pairs = _pairs(buffers, new_rows)
+    for buffer, rows in pairs:
+        _check(buffer, starts, lengths, rows)
+    return pairs
+
+
+def _append_reference(pairs: list[tuple[torch.Tensor, torch.Tensor]], starts: torch.Tensor, lengths: torch.Tensor):
+    n_new = pairs[0][1].shape[1]
+    if n_new == 0:
+        return
+    # One target index for every buffer: they share the layout.
+    targets = starts + lengths
+    if targets.dtype != torch.int64:
+        targets = targets.long()
+    if n_new > 1:
+        targets = (targets[:, None] + torch.arange(n_new, device=starts.device)).reshape(-1)
+    for buffer, rows in pairs:
+        buffer.index_copy_(0, targets, rows.flatten(0, 1))
 
 
 def _ragged_append_triton(
@@ -103,14 +135,16 @@ def _ragged_append_triton(
     )
 
 
-def ragged_append(buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor) -> None:
+def ragged_append(buffers: Rows, starts: torch.Tensor, lengths: torch.Tensor, new_rows: Rows) -> None:
     """In place: buffer[starts[s] + lengths[s] + i] = new_rows[s, i] for every segment s and i < t.
 
-    buffer: [M, ...]; new_rows: [S, t, ...] with the same trailing shape and dtype; starts, lengths: [S] int64. The
-    caller guarantees the capacity and updates lengths itself (this function does not change lengths).
+    buffers: one tensor [M, ...] or a list of tensors sharing the segment layout (keys, values, side columns);
+    new_rows: [S, t, ...] per buffer, with its trailing shape and dtype; starts, lengths: [S] int64. The caller
+    guarantees the capacity and updates lengths itself (this function does not change lengths).
     """
-    _check(buffer, starts, lengths, new_rows)
-    if kernel_backend(buffer) == "triton":
-        _ragged_append_triton(buffer, starts, lengths, new_rows)
+    pairs = _checked_pairs(buffers, starts, lengths, new_rows)
+    if kernel_backend(pairs[0][0]) == "triton":
+        for buffer, rows in pairs:
+            _ragged_append_triton(buffer, starts, lengths, rows)
     else:
-        ragged_append_reference(buffer, starts, lengths, new_rows)
+        _append_reference(pairs, starts, lengths)

@@ -145,15 +145,15 @@ def ragged_compact_reference(
     """Torch implementation of :func:`ragged_compact` (same contract, same results)."""
     starts, lengths = starts.long(), lengths.long()
     plan = _plan(rows, starts, lengths, keep, spare)
-    n_flags = keep.numel()
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=keep.device), lengths, output_size=n_flags)
-    position = torch.arange(n_flags, device=keep.device) - plan.in_offsets[segment]
-    source = (starts[segment] + position)[keep]
-    target = (plan.out_starts[segment] + plan.kept_cumsum - 1 - plan.kept_before[segment])[keep]
+    flag = keep.nonzero().squeeze(1)  # [kept] index of every kept flag, in segment order
+    segment = torch.bucketize(flag, plan.in_offsets, right=True) - 1
+    source = starts[segment] + flag - plan.in_offsets[segment]
+    # Kept rows land back to back from their segment's new start: the k-th kept row overall, shifted per segment.
+    target = torch.arange(flag.numel(), device=keep.device) + (plan.out_starts - plan.kept_before)[segment]
     out = []
     for t in rows:
         packed = t.new_zeros((plan.total_rows, *t.shape[1:]))
-        packed[target] = t[source]
+        packed.index_copy_(0, target, t.index_select(0, source))
         out.append(packed)
     return CompactedRows(out, plan.out_starts, plan.kept, plan.capacities)
 

@@ -106,3 +106,21 @@ def test_padding_among_the_new_rows_is_read_from_the_mask():
         )
         rows = slice(2, None) if b == 0 else slice(None)  # padding queries' outputs are never used
         torch.testing.assert_close(out[b : b + 1, rows], expected[:, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_attention_works_under_kvpress_masking_patch():
+    """kvpress wraps every registered attention function when it is imported; when that happens after the ragged
+    attention was registered, its wrapper reads ``key.shape`` from the ragged layer and must pass it through."""
+    from kvpress.attention_patch import attention_patch
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from fastkvzip_press.cache import register_ragged_attention
+
+    keys, values, keep = dense_kv(seed=5)
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    layer.append(*torch.randn(2, 1, HEADS, 1, DIM).unbind(0))
+    assert layer.shape == (1, HEADS, TOKENS + 1, DIM)
+    query = torch.randn(1, 2 * HEADS, 1, DIM)
+    wrapped = attention_patch(ALL_ATTENTION_FUNCTIONS[register_ragged_attention("sdpa")])
+    out, _ = wrapped(torch.nn.Module(), query, layer, layer, None, 0.0, scaling=0.3)
+    torch.testing.assert_close(out, ragged_attention(query, layer, 0.3))

@@ -186,3 +186,28 @@ def test_beam_search_and_batch_expansion_take_whole_sequences():
     new = torch.randn(1, HEADS, 20, DIM)
     layer.update(new, new)  # appends still find room (a rebuild) after the reorder
     assert torch.equal(layer.head_keys(0)[-20:], new[0, 0])
+
+
+def test_appended_rows_read_the_column_fill_in_every_state_of_the_layer():
+    """Appending writes keys and values only: a column's spare rows hold its fill value after construction,
+    compaction, regrowth, rollback and beam reordering, so rows appended later read it."""
+    keys, values, keep = dense_kv(seed=6)
+    layer = RaggedLayer.from_dense(
+        keys, values, keep, spare_tokens=3, columns={"scores": (torch.rand(1, HEADS, TOKENS), -2.0)}
+    )
+    layer.add_column("other", torch.rand(sum(layer.head_lengths)), 7.0)
+
+    def append_and_check(n_new: int) -> None:
+        layer.append(*torch.randn(2, layer.batch_size, HEADS, n_new, DIM).unbind(0))
+        for head in range(HEADS):
+            assert torch.equal(layer.column("scores", head)[-n_new:], torch.full((n_new,), -2.0))
+            assert torch.equal(layer.column("other", head)[-n_new:], torch.full((n_new,), 7.0))
+
+    append_and_check(2)  # within the spare rows of construction
+    append_and_check(4)  # outgrows them: regrown
+    layer.truncate(layer.get_seq_length() - 3)  # rolled back
+    append_and_check(1)
+    layer.compact(torch.cat([torch.arange(length) % 2 == 0 for length in layer.head_lengths]))
+    append_and_check(3)
+    layer.batch_repeat_interleave(2)
+    append_and_check(2)

@@ -96,3 +96,38 @@ def test_bank_indexes_by_layer_id_and_checks_fit(tiny_models):
     other = ModelLayout("other", 4, 64, 4, 1, 16, (0, 1, 2, 3))
     with pytest.raises(GateMismatchError, match=r"KV heads: model expects 1, gates have 2"):
         bank.check_fits(other)
+
+
+@pytest.mark.parametrize("n_repeats", [7, 20, 203])
+def test_equal_tokens_get_equal_scores_wherever_they_sit(n_repeats):
+    """Eviction breaks exact ties by position, so equal hidden states (a repeated token at the first layer) must
+    score bit for bit the same at every position and batch size, or a batch evicts other pairs than alone."""
+    gate = random_gate(seed=2, hidden=64, rank=16, n_sink=16)
+    tokens = torch.randn(1, 5, 64) * 3
+    x = tokens.repeat(1, n_repeats, 1)
+    scores = gate(torch.cat([x, torch.randn(2, x.shape[1], 64)]))[0]  # [H, 5 * n_repeats], within a batch
+    alone = gate(x)[0]
+    for token in range(5):
+        same = torch.cat([scores[:, token::5], alone[:, token::5]], 1)
+        assert torch.equal(same, same[:, :1].expand_as(same))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_round_like_the_released_gates(dtype):
+    """The gate norms normalise in fp32, round to the input dtype, then scale by their fp32 weight."""
+    gate = random_gate(seed=4)
+    with torch.no_grad():
+        gate.q_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, gate.rank).to(dtype)
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + gate.q_norm.eps)).to(dtype)
+    torch.testing.assert_close(gate.q_norm(x), gate.q_norm.weight * normed, rtol=1e-6, atol=1e-6)
+
+
+def test_one_matmul_serves_both_projections():
+    gate = random_gate(seed=5)
+    x = torch.randn(2, 6, 24)
+    queries, keys = gate.projections(x)
+    heads, group, rank = gate.num_kv_heads, gate.group_size, gate.rank
+    torch.testing.assert_close(queries, gate.q_norm(gate.q_proj(x).view(2, 6, heads, group, rank)))
+    torch.testing.assert_close(keys, gate.k_norm(gate.k_proj(x).view(2, 6, heads, rank)))

@@ -95,3 +95,30 @@ def batch_appends(draw):
 @given(batch_appends())
 def test_append_to_a_batch_triton_matches_reference(needs_triton, case):
     assert_triton_matches_reference(*case)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@FEW
+@given(case=appends())
+def test_one_call_appends_to_every_buffer_of_a_layout(request, backend, case):
+    """Keys, values and side columns share one layout: appending to all of them in one call (one target index)
+    writes what one call per buffer writes."""
+    if backend == "triton":
+        request.getfixturevalue("needs_triton")
+    buffer, starts, lengths, new_rows = case
+    other, other_rows = buffer.flip(0).clone(), new_rows.flip(0).clone()
+    expected = [buffer.clone(), other.clone()]
+    ragged_append_reference(expected[0], starts, lengths, new_rows)
+    ragged_append_reference(expected[1], starts, lengths, other_rows)
+    got = [buffer.clone(), other.clone()]
+    with kernel_backend(backend):
+        kernels.ragged_append(got, starts, lengths, [new_rows, other_rows])
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_buffers_and_new_rows_must_pair_up():
+    buffers = [torch.zeros(8, 4), torch.zeros(8, 4)]
+    with pytest.raises(ValueError, match="one tensor of new rows per buffer"):
+        kernels.ragged_append(buffers, as_index([0]), as_index([0]), [torch.zeros(1, 1, 4)])
+    with pytest.raises(ValueError, match="one tensor of new rows per buffer"):
+        kernels.ragged_append(buffers, as_index([0]), as_index([0]), torch.zeros(1, 1, 4))
