@@ -48,6 +48,25 @@ def _fraction(low: float, high: float, low_open: bool = False, high_open: bool =
     return parse
 
 
+def _device(text: str) -> str:
+    """--device: a torch device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here; leave --device out to use the CPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+# accelerate's placement strategies for ``device_map``.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def _window(text: str) -> int | float:
     """--window-size: a fraction of the context in (0, 1), or a whole number of tokens >= 0 (checked by
     :func:`~fastkvzip_press.checks.require_window`)."""
@@ -187,9 +206,17 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from fastkvzip_press.models import load_model
-    from fastkvzip_press.training import FitConfig, TrainConfig, train
+    from fastkvzip_press.training import FitConfig, Ranks, TrainConfig, train
 
     torch.manual_seed(args.seed)
+    ranks = Ranks.from_environment()
+    if args.device_map and ranks.distributed:
+        print(
+            "error: --device-map shards one model over the devices of one process; under torchrun each rank loads "
+            "its own copy, so leave --device-map out there (or run one process with --device-map auto)",
+            file=sys.stderr,
+        )
+        return 2
     fit = FitConfig(steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed)
     config = TrainConfig(
         corpus=args.corpus,
@@ -205,8 +232,10 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    model, tokenizer = load_model(args.model, args.model_cache)
-    _, report = train(
+    model, tokenizer = load_model(args.model, args.model_cache, device_map=args.device_map)
+    if not args.device_map:
+        model.to(ranks.device(args.device))
+    result = train(
         model,
         tokenizer,
         out,
@@ -214,7 +243,11 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.quiet,
         allow_other_model=args.allow_other_model,
+        ranks=ranks,
     )
+    if result is None:  # a rank other than 0: its shards are written, rank 0 fits and reports
+        return 0
+    _, report = result
     print(f"Model: {report['model_id']}")
     print(
         f"Tokens: {report['train_tokens']} training, {report['val_tokens']} validation "
@@ -406,6 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=_integer(0), default=0)
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     tr.add_argument("--model-cache", default=None, help="folder of the converted default model")
+    placement = tr.add_mutually_exclusive_group()
+    placement.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="where the model runs (default: cuda:<local rank> where CUDA is available, else cpu; under torchrun "
+        "'cuda' means each rank's own GPU)",
+    )
+    placement.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        default=None,
+        help="shard a model larger than one device over all of them with accelerate (one process, not torchrun)",
+    )
     tr.set_defaults(run=_train)
 
     ex = commands.add_parser(

@@ -93,6 +93,7 @@ def load_default_model(
     cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, head_dim 64), fully offline.
 
@@ -100,29 +101,37 @@ def load_default_model(
         cache_dir: folder of the converted model; default ``cache_root() / "smollm2-135m-instruct"``.
         dtype: weight dtype; fp32 is fastest on CPU.
         attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
+        device_map: accelerate's device map (``"auto"``: spread over the available devices); ``None``: the CPU.
     """
     target = default_model_dir(cache_dir)
     if not (target / "config.json").exists():
         convert_default_model(target)
     tokenizer = AutoTokenizer.from_pretrained(target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        target, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
+    )
     model.config.name_or_path = DEFAULT_MODEL_ID
     model.eval()
     return model, tokenizer
 
 
-def load_model(name: str, cache_dir: str | Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def load_model(
+    name: str, cache_dir: str | Path | None = None, device_map: str | dict | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """``"default"`` (the offline default model, see :func:`load_default_model`) or a local model folder (a hub id
-    where the hub is reachable), loaded with sdpa attention in its own dtype."""
+    where the hub is reachable), loaded with sdpa attention in its own dtype; ``device_map`` as accelerate takes it
+    (``"auto"`` shards a model too large for one device over all of them)."""
     if name == "default":
         logger.info("loading the default model (SmolLM2-135M-Instruct)")
-        return load_default_model(cache_dir=cache_dir)
+        return load_default_model(cache_dir=cache_dir, device_map=device_map)
     looks_local = Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
     if looks_local and not Path(name).expanduser().is_dir():
         raise FileNotFoundError(f"model folder {name!r} does not exist; pass 'default' or a local model folder")
     name = str(Path(name).expanduser()) if looks_local else name
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(
+            name, attn_implementation="sdpa", dtype="auto", device_map=device_map
+        )
         tokenizer = AutoTokenizer.from_pretrained(name)
     except OSError as error:
         raise FileNotFoundError(

@@ -135,6 +135,7 @@ def test_gate_functions(llama, tmp_path):
         assert words in str(error.value)
 
 
+CUDA = torch.cuda.is_available()
 CLI_CASES = [
     (["generate", "--context-file", "c.txt", "--question", "q", "--max-new-tokens", "0"], "--max-new-tokens", ">= 1"),
     (["generate", "--context-file", "c.txt", "--question", "q", "--ratio", "1.5"], "--ratio", "[0, 1)"),
@@ -156,6 +157,10 @@ CLI_CASES = [
     (["train", "--out", "o", "--val-fraction", "1"], "--val-fraction", "(0, 1)"),
     (["train", "--out", "o", "--seed", "-2"], "--seed", ">= 0"),
     (["train", "--steps", "5"], "--out", "required"),
+    (["train", "--out", "o", "--device", "gpu7"], "--device", "expected a device"),
+    *([(["train", "--out", "o", "--device", "cuda:0"], "--device", "CUDA is not available")] if not CUDA else []),
+    (["train", "--out", "o", "--device-map", "everywhere"], "--device-map", "invalid choice"),
+    (["train", "--out", "o", "--device", "cpu", "--device-map", "auto"], "--device-map", "not allowed with"),
     (["export-gates", "g", "--out", "o", "--dtype", "int8"], "--dtype", "invalid"),
     (["export-gates", "g"], "--out", "required"),
     (["eval", "--samples", "0"], "--samples", ">= 1"),

@@ -7,9 +7,13 @@ Sources (``iter_documents(source)``):
   is technical prose about Python, not the broad web text of the paper's fineweb-edu; gates trained on it are a
   starting point, and more varied text trains better gates.
 - a ``.txt`` / ``.md`` file (one document) or a folder of them (one document per file, sorted by path);
-- a ``.parquet`` file (one document per row of its ``text`` column);
+- a ``.parquet`` file (one document per row of its ``text`` column, streamed in row batches) or a folder of them;
 - ``hf:<dataset>[:<config>]`` (``datasets.load_dataset(..., split="train", streaming=True)``, ``text`` column), for
   example ``hf:HuggingFaceFW/fineweb-edu:sample-10BT`` as in the paper, where a network allows.
+
+Every source is read lazily: the extraction stops reading once it has planned ``max_tokens`` context tokens, so a
+large dataset is never downloaded or loaded whole. Under torchrun every rank reads the same documents in the same
+order and extracts its own share of their windows (:mod:`fastkvzip_press.training.distributed`).
 """
 
 from __future__ import annotations
@@ -46,13 +50,22 @@ def _builtin() -> Iterator[Document]:
         yield Document(f"{BUILTIN}:{names[0]}", "\n\n".join(merged))
 
 
-def _parquet(path: Path) -> Iterator[Document]:
+def _parquet(path: Path, batch_rows: int = 1024) -> Iterator[Document]:
+    """Rows of the ``text`` column, read ``batch_rows`` at a time: a large file is streamed, not loaded whole, and
+    reading stops where the extraction has enough tokens."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["text"])
-    for row, text in enumerate(table.column("text").to_pylist()):
-        if text:
-            yield Document(f"{path.name}:{row}", text)
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["text"])
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"corpus file {path} is not a readable parquet file with a 'text' column: {error}") from None
+    row = 0
+    for batch in batches:
+        for text in batch.column("text").to_pylist():
+            if text:
+                yield Document(f"{path.name}:{row}", text)
+            row += 1
 
 
 def _hub(spec: str) -> Iterator[Document]:

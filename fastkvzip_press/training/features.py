@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fastkvzip_press.gates.atomic import atomic_write
 from fastkvzip_press.gates.layout import ModelLayout
 from fastkvzip_press.training.corpus import Document
+from fastkvzip_press.training.distributed import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,10 @@ def plan_windows(
     """The context windows an extraction takes, in order, until ``max_tokens`` context tokens (tokenizing only)."""
     windows, total = [], 0
     for window in iter_windows(tokenizer, documents, context_len):
-        if max_tokens is not None and total >= max_tokens:
-            break
         windows.append(window)
         total += len(window.ids)
+        if max_tokens is not None and total >= max_tokens:
+            break  # before asking for more: a streamed corpus is read no further than needed
     return windows
 
 
@@ -155,20 +156,31 @@ def write_shards(
     chunk_size: int = 2048,
     progress: bool = True,
     allow_other_model: bool = False,
+    ranks: Ranks | None = None,
 ) -> list[Path]:
     """One shard per window (``shard_<position>``), skipping shards already on disk after checking that the same
-    window of the same model wrote them. Returns the shard paths in window order."""
+    window of the same model wrote them. Returns the shard paths in window order.
+
+    With ``ranks`` of several processes, this one extracts only the windows it owns (``ranks.owns(position)``); the
+    paths of the others are returned all the same (their shards exist once every rank is done).
+    """
     from fastkvzip_press.training.targets import kvzip_targets
 
+    ranks = ranks or Ranks()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layout = ModelLayout.from_model(model)
     prefix = chat_prefix_ids(tokenizer)
     paths: list[Path] = []
     total = 0
-    bar = tqdm(total=sum(len(w.ids) for w in windows), unit="tok", desc="features", disable=not progress)
+    owned = [position for position in range(len(windows)) if ranks.owns(position)]
+    desc = f"features (rank {ranks.rank}/{ranks.world_size})" if ranks.distributed else "features"
+    bar = tqdm(total=sum(len(windows[p].ids) for p in owned), unit="tok", desc=desc, disable=not progress)
     for position, window in enumerate(windows):
         path = shard_path(directory, position)
+        if not ranks.owns(position):
+            paths.append(path)
+            continue
         if path.exists():
             meta = read_shard_metadata(path)
             _check_shard(path, meta, window, layout, allow_other_model)
@@ -184,8 +196,9 @@ def write_shards(
                 progress=False,
             )
             gated = list(layout.gated_layer_ids)
+            # With a device map the gated layers may sit on different devices: gather each on the CPU.
             tensors = {
-                "hidden": torch.stack([targets.hidden[i] for i in gated]).to(torch.bfloat16).cpu().contiguous(),
+                "hidden": torch.stack([targets.hidden[i].cpu() for i in gated]).to(torch.bfloat16).contiguous(),
                 "scores": targets.scores[gated].float().cpu().contiguous(),
             }
             meta = {
@@ -201,7 +214,7 @@ def write_shards(
         total += meta["tokens"]
         bar.update(meta["tokens"])
     bar.close()
-    logger.info("%d feature shards (%d context tokens) in %s", len(paths), total, directory)
+    logger.info("%d feature shards (%d context tokens) written or checked in %s", len(owned), total, directory)
     return paths
 
 

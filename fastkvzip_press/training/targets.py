@@ -254,6 +254,7 @@ def kvzip_targets(
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         layer = cache.layers[module.layer_idx]
         start, end = span
+        # .to(): with a device map each layer computes on its own device.
         scores[module.layer_idx, :, start:end] = _restricted_scores(
             module,
             hidden_states,
@@ -264,7 +265,7 @@ def kvzip_targets(
             prefix_length + start,
             prefix_length + end,
             normalization,
-        )
+        ).to(scores.device)
 
     handles = [layer.self_attn.register_forward_hook(score, with_kwargs=True) for layer in layers]
     try:

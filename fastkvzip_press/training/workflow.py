@@ -1,5 +1,8 @@
 """One training run: corpus → feature shards → gate fit → exported gates, report and curves.
 
+Under ``torchrun`` the ranks split the feature extraction (each extracts every ``world_size``-th window of the same
+planned order, see :mod:`fastkvzip_press.training.distributed`); rank 0 then fits and exports once.
+
 Output folder layout::
 
     features/shard_*.safetensors   gate inputs and KVzip targets (resumable)
@@ -24,6 +27,7 @@ from fastkvzip_press.gates import GateBank, save_gates
 from fastkvzip_press.gates.atomic import atomic_write, remove_stale_temporaries
 from fastkvzip_press.gates.layout import ModelLayout
 from fastkvzip_press.training.corpus import check_source, iter_documents
+from fastkvzip_press.training.distributed import Ranks, barrier, process_group
 from fastkvzip_press.training.features import (
     MIN_WINDOW,
     Window,
@@ -71,32 +75,45 @@ def train(
     resume: bool = True,
     progress: bool = True,
     allow_other_model: bool = False,
-) -> tuple[GateBank, dict]:
+    ranks: Ranks | None = None,
+) -> tuple[GateBank, dict] | None:
     """Run every phase into ``out``; returns the fitted gates and the report written to ``report.json``.
 
     Temporary files a killed run left in ``out`` are removed first. ``allow_other_model`` resumes on feature shards
     that another model id wrote (the same weights under another name); otherwise they are refused.
+
+    ``ranks`` (default: from torchrun's environment) splits the extraction between processes; every rank calls
+    ``train`` with the same arguments. Rank 0 fits and exports once all shards are on disk and returns the result;
+    the other ranks return ``None`` when their shards are written.
     """
     out = Path(out)
+    ranks = ranks or Ranks.from_environment()
     layout = ModelLayout.from_model(model)
     times: dict[str, float] = {}
-    remove_stale_temporaries(out)
 
     # Everything that can be known from the text alone is checked before the (long) extraction.
     windows = plan_windows(tokenizer, iter_documents(config.corpus), config.context_len, config.max_tokens)
     train_positions, val_positions = check_windows(windows, config)
 
     start = time.perf_counter()
-    paths = write_shards(
-        model,
-        tokenizer,
-        windows,
-        out / "features",
-        chunk_size=config.replay_chunk,
-        progress=progress,
-        allow_other_model=allow_other_model,
-    )
+    with process_group(ranks, next(model.parameters()).device):
+        if ranks.is_main:
+            remove_stale_temporaries(out)
+        barrier(ranks)  # no rank writes before what dead writers left is gone
+        paths = write_shards(
+            model,
+            tokenizer,
+            windows,
+            out / "features",
+            chunk_size=config.replay_chunk,
+            progress=progress,
+            allow_other_model=allow_other_model,
+            ranks=ranks,
+        )
+        barrier(ranks)  # every shard is on disk
     times["features_s"] = time.perf_counter() - start
+    if not ranks.is_main:
+        return None
 
     start = time.perf_counter()
     train_split = load_split([paths[i] for i in train_positions])
