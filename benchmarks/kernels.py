@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fastkvzip_press.cache import RaggedLayer, ragged_attention
 from fastkvzip_press.triton import kernel_backend, ragged_append, ragged_compact, select_smallest_rows
@@ -87,7 +88,9 @@ def _cases(shape: str, context: int, device: torch.device, dtype: torch.dtype) -
     new_rows = torch.randn(heads, 1, head_dim, generator=generator).to(device, dtype)
     append_starts, append_lengths = layer.starts, layer.lengths
     query = torch.randn(1, heads * group, 1, head_dim, generator=generator).to(device, dtype)
-    return [
+    dense_keys = keys.view(1, heads, context, head_dim)
+    dense_values = values.view(1, heads, context, head_dim)
+    cases = [
         ("select (all layers)", lambda: select_smallest_rows(scores[None], keep_k), scores.numel() * 5),
         (
             "compact keys+values",
@@ -107,6 +110,37 @@ def _cases(shape: str, context: int, device: torch.device, dtype: torch.dtype) -
             2 * kept_rows * row_bytes,
         ),
     ]
+    if device.type == "cpu":  # the forms of one decoding step that per-segment SDPA was measured against
+        cases += [
+            ("  alt: whole buffer, masked", lambda: _whole_buffer(query, layer), 2 * kept_rows * row_bytes),
+            ("  alt: padded copy, one SDPA", lambda: _padded(query, layer), 2 * kept_rows * row_bytes),
+            (
+                "  dense, full cache (reference)",
+                lambda: F.scaled_dot_product_attention(query, dense_keys, dense_values, enable_gqa=True),
+                2 * heads * context * row_bytes,
+            ),
+        ]
+    return cases
+
+
+def _whole_buffer(query: torch.Tensor, layer: RaggedLayer) -> torch.Tensor:
+    """Every query head against all rows of the layer, other heads' and spare rows masked: one call, H x the work."""
+    _, n_q_heads, _, head_dim = query.shape
+    rows = torch.arange(layer.key_buffer.shape[0], device=query.device)
+    own = (rows >= layer.starts[:, None]) & (rows < (layer.starts + layer.lengths)[:, None])  # [H, M]
+    scores = (query.view(n_q_heads, head_dim) @ layer.key_buffer.T) * head_dim**-0.5
+    scores = scores.view(layer.num_heads, -1, scores.shape[-1]).masked_fill(~own[:, None], float("-inf"))
+    return scores.view(n_q_heads, -1).softmax(-1) @ layer.value_buffer
+
+
+def _padded(query: torch.Tensor, layer: RaggedLayer) -> torch.Tensor:
+    """The segments copied into zero-padded ``[1, H, max_len, D]`` tensors, then one masked SDPA call."""
+    keys, values, mask = layer.to_padded()
+    group = query.shape[1] // layer.num_heads
+    visible = mask.repeat_interleave(group, dim=1)[:, :, None, :]  # [1, Hq, 1, max_len]
+    return F.scaled_dot_product_attention(
+        query, keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1), attn_mask=visible
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ Timing runs load the model once per context and interleave the configurations (o
 of each per round, the order rotating each round), so that drifts of the machine hit all of them alike; the table
 reports medians over rounds with min-max. Peak RSS and peak KV bytes come from one fresh process per configuration.
 
-    .venv/bin/python benchmarks/overhead.py                       # 2k and 8k (about 40 min on 2 cores; run it alone)
+    .venv/bin/python benchmarks/overhead.py                       # 512, 2k and 8k (about 45 min on 2 cores; alone)
     .venv/bin/python benchmarks/overhead.py --contexts 2048 --rounds 3 --decode-tokens 8
 
 Writes ``<out>/overhead.{csv,md,png}`` (default ``benchmarks/results``). Gates: the shipped gates of the default model
@@ -245,7 +245,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8000])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8000])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per context (medians over them)")
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--presses", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="PRESS")

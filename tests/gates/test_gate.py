@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastkvzip_press import GateBank, GateMismatchError, ModelLayout, SinkGate
+from fastkvzip_press.gates.gate import GateMetadata
 
 
 @torch.no_grad()
@@ -131,3 +132,17 @@ def test_one_matmul_serves_both_projections():
     heads, group, rank = gate.num_kv_heads, gate.group_size, gate.rank
     torch.testing.assert_close(queries, gate.q_norm(gate.q_proj(x).view(2, 6, heads, group, rank)))
     torch.testing.assert_close(keys, gate.k_norm(gate.k_proj(x).view(2, 6, heads, rank)))
+
+
+def test_a_bank_found_finite_is_checked_again_after_a_write():
+    """The finiteness check is skipped for an unchanged bank, never for one written in place or given new tensors."""
+    bank = GateBank([random_gate(seed=1), random_gate(seed=2)], GateMetadata(layer_ids=(0, 1)))
+    assert bank.non_finite() == [] and bank.non_finite() == []
+    with torch.no_grad():
+        bank.gate(1).k_base[0, 0, 0, 0] = float("nan")
+    assert bank.non_finite() == ["layer 1 k_base"]
+    with torch.no_grad():
+        bank.gate(1).k_base[0, 0, 0, 0] = 0.0
+    assert bank.non_finite() == []
+    bank.gate(0).b.data = torch.full_like(bank.gate(0).b, float("inf"))
+    assert bank.non_finite() == ["layer 0 b"]
