@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_RANK = 16
 DEFAULT_SINKS = 16
+MAX_LOGIT_GAP = 80.0  # sink minus own logit; exp(80) times 1024 sinks stays below fp32's largest value
 
 
 class GateMismatchError(ValueError):
@@ -108,20 +109,24 @@ class SinkGate(nn.Module):
             x: hidden states ``[B, N, D]``.
 
         Returns:
-            own ``[B, H, N, G]`` and sinks ``[B, H, N, S, G]``, fp32. The bias ``b`` is added once.
+            own ``[B, H, N, G]`` and sinks ``[B, H, N, G, S]``, fp32 (sinks last: the softmax reduces over them). The
+            bias ``b`` is added once.
         """
         q, k = self.projections(x)
         scale = 1.0 / math.sqrt(self.rank)
-        own = torch.einsum("bnhr,bnhgr->bhng", k, q) * scale + self.b.float().squeeze(1)[None, :, None, :]
-        sinks = torch.einsum("hsr,bnhgr->bhnsg", self.k_base.float().squeeze(1), q) * scale
+        own = torch.einsum("bnhr,bnhgr->bhng", k, q).mul_(scale).add_(self.b.float().squeeze(1)[None, :, None, :])
+        # The scale goes on the S x r sink keys, not on the N x G x S logits.
+        sinks = torch.einsum("hsr,bnhgr->bhngs", self.k_base.float().squeeze(1) * scale, q)
         return own, sinks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         own, sinks = self.logits(x)
-        # p = exp(own) / (exp(own) + sum_s exp(sink_s)), computed stably in log space.
-        all_logits = torch.cat([own.unsqueeze(3), sinks], dim=3)  # [B, H, N, 1+S, G]
-        p_own = torch.exp(own - torch.logsumexp(all_logits, dim=3))
-        return p_own.mean(-1)  # [B, H, N]
+        # p = exp(own) / (exp(own) + sum_s exp(sink_s)) = 1 / (1 + sum_s exp(sink_s - own)): three passes over the
+        # sink logits where a logsumexp takes six. Only exp and arithmetic, which round alike in torch's vectorised
+        # and scalar loops (log and sigmoid do not), so equal tokens score bit for bit alike wherever they sit. The
+        # clamp keeps the sum finite (p is then below 1e-35) and so the gradient.
+        ratios = (sinks - own.unsqueeze(-1)).clamp_(max=MAX_LOGIT_GAP).exp_()  # [B, H, N, G, S]
+        return ratios.sum(-1).add_(1).reciprocal_().mean(-1)  # [B, H, N]
 
 
 @dataclass

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastkvzip_press.cache import RaggedLayer
+from fastkvzip_press.cache.ragged_layer import GROWTH
 
 HEADS, TOKENS, DIM = 3, 20, 8
 
@@ -57,6 +58,25 @@ def test_append_fills_spare_room_in_place_then_regrows_once():
         expected = torch.cat([keys[0, head, keep[0, head]], new_keys[0, head], more_keys[0, head]])
         assert torch.equal(layer.head_keys(head), expected)
     assert layer.get_seq_length() == TOKENS + 5
+
+
+def test_decoding_regrows_in_proportion_to_what_is_held():
+    """One token at a time, a rebuild leaves room for GROWTH of the mean segment length: few copies of a long
+    layer over a long answer, and a bounded share of spare rows. Longer appends (a question, a prefill chunk) keep
+    the configured room."""
+    keys, values, keep = dense_kv(tokens=400)
+    layer = RaggedLayer.from_dense(keys, values, keep, spare_tokens=4)
+    buffers, steps = {layer.key_buffer.data_ptr()}, 200
+    for _ in range(steps):
+        layer.update(*torch.randn(2, 1, HEADS, 1, DIM).unbind(0))
+        buffers.add(layer.key_buffer.data_ptr())
+        mean = sum(layer.head_lengths) / HEADS
+        assert max(c - n for c, n in zip(layer.head_capacities, layer.head_lengths)) <= GROWTH * mean + 2
+    assert len(buffers) - 1 <= 8  # a fixed room of 4 rows: 40 copies
+    for head in range(HEADS):
+        assert layer.head_keys(head).shape[0] == int(keep[0, head].sum()) + steps
+    layer.update(*torch.randn(2, 1, HEADS, 100, DIM).unbind(0))  # past any room left: rebuilt for 100 plus 4
+    assert min(c - n for c, n in zip(layer.head_capacities, layer.head_lengths)) == 4
 
 
 def test_pipeline_style_rollback_truncates_appended_tokens():

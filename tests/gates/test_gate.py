@@ -49,6 +49,19 @@ def test_gate_matches_direct_recomputation():
     torch.testing.assert_close(got.double(), reference_scores(gate, x), atol=1e-5, rtol=1e-4)
 
 
+def test_sinks_far_above_the_own_key_give_finite_scores_and_gradients():
+    """A sink logit hundreds above the own logit (a diverging fit) scores ~0, not NaN, and trains on."""
+    gate = random_gate(seed=6)
+    with torch.no_grad():
+        gate.k_base.mul_(1e4)
+    x = torch.randn(2, 5, 24)
+    scores = gate(x)
+    assert torch.all(torch.isfinite(scores)) and torch.all((scores >= 0) & (scores <= 1))
+    assert float(scores.min()) < 1e-30  # some group member is swamped by a sink
+    scores.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in gate.parameters() if p.grad is not None)
+
+
 def test_scores_are_probabilities_and_batch_independent():
     gate = random_gate(seed=1)
     x = torch.randn(3, 7, 24) * 5
