@@ -6,7 +6,7 @@ of each per round, the order rotating each round), so that drifts of the machine
 taken within a round (against that round's run without a press), and the table reports the median of those ratios
 over rounds with their min-max. The decode is long enough (64 tokens) that the cache runs out of spare rows and
 regrows during it, as it does in a real answer. Peak RSS and peak KV bytes come from one fresh process per
-configuration.
+configuration, with glibc's allocator set to return freed blocks (``isolated.STEADY_MALLOC``).
 
     .venv/bin/python benchmarks/overhead.py                       # 512, 2k and 8k (about 60 min on 2 cores; alone)
     .venv/bin/python benchmarks/overhead.py --contexts 2048 --rounds 3 --decode-tokens 8
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(context, name) for context in args.contexts for name in names]
         for context, name in tqdm(jobs, desc="peak memory (one process each)"):
             memory[(context, name)] = run_isolated(
-                __file__, {**shared, "task": "memory", "context": context, "name": name}
+                __file__, {**shared, "task": "memory", "context": context, "name": name}, steady_malloc=True
             )
         for context in args.contexts:
             base = memory[(context, "no press")]
