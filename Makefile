@@ -26,6 +26,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# GPU acceptance on a CUDA machine (about 10 minutes on one H200): the cuda-marked tests with the Triton kernels
+# compiled, then benchmarks/gpu.py (writes benchmarks/results/gpu.{md,csv}). The benchmark runs even when a test
+# fails, and the target fails if either does. Installs nothing beyond .venv.
+.PHONY: test-gpu
+GPU_ENV := env -u TRITON_INTERPRET -u FASTKVZIP_PRESS_KERNELS
+test-gpu: $(STAMP)
+	$(GPU_ENV) $(BIN)/python -m pytest -q -rs -m cuda; status=$$?; \
+		$(GPU_ENV) $(BIN)/python benchmarks/gpu.py && exit $$status
+
+# Branch coverage, under the CPU suite, of the code only a GPU runs in production (reached here through stand-ins
+# and the Triton interpreter): docs/notes.md reports it.
+.PHONY: coverage-cuda
+CUDA_SIDE := fastkvzip_press/cache/varlen.py,fastkvzip_press/cache/attention.py,fastkvzip_press/cache/host_read.py,fastkvzip_press/triton/*.py
+coverage-cuda: $(STAMP)
+	$(BIN)/coverage run --branch -m pytest -q -m "not slow"
+	$(BIN)/coverage report --include="$(CUDA_SIDE)" --show-missing
+
 lint: $(STAMP)
 	$(BIN)/ruff check fastkvzip_press tests
 	$(BIN)/ruff format --check fastkvzip_press tests

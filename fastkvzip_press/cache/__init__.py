@@ -7,6 +7,7 @@ replaces a cache's layers.
 from fastkvzip_press.cache.accounting import full_cache_bytes, kv_cache_bytes
 from fastkvzip_press.cache.attention import (
     attention_implementation,
+    cache_attention_path,
     enable_ragged_attention,
     ragged_attention,
     register_ragged_attention,
@@ -20,13 +21,17 @@ from fastkvzip_press.cache.compaction import (
     take_scores,
 )
 from fastkvzip_press.cache.ragged_layer import POSITIONS, RaggedLayer, RaggedView
+from fastkvzip_press.cache.varlen import AttentionPath, attention_path_counts, ragged_attention_path
 
 __all__ = [
+    "AttentionPath",
     "POSITIONS",
     "SCORES",
     "RaggedLayer",
     "RaggedView",
     "attention_implementation",
+    "attention_path_counts",
+    "cache_attention_path",
     "enable_ragged_attention",
     "evict_from_tail",
     "evict_held",
@@ -34,6 +39,7 @@ __all__ = [
     "held_rows",
     "kv_cache_bytes",
     "ragged_attention",
+    "ragged_attention_path",
     "ragged_layer_ids",
     "register_ragged_attention",
     "take_scores",

@@ -12,9 +12,9 @@ segment). Padding is never stored, so no padding mask is needed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,26 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastkvzip_press.cache.ragged_layer import RaggedLayer
+from fastkvzip_press.cache.varlen import (
+    PER_SEGMENT_PADDING,
+    VARLEN,
+    VARLEN_ENV,  # noqa: F401  (re-exported: where users looked for it before)
+    ragged_attention_path,
+    record_path,
+    varlen_attention,
+)
 
 logger = logging.getLogger(__name__)
 
 RAGGED_PREFIX = "fastkvzip_ragged_"
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "flash_attention_3")
-# "0" turns the CUDA varlen kernel off (per-head SDPA everywhere), e.g. to compare the two paths.
-VARLEN_ENV = "FASTKVZIP_PRESS_VARLEN"
+
+
+def cache_attention_path(cache: object) -> str | None:
+    """The attention ``cache``'s ragged layers get (``"varlen"`` or ``"per-segment (<why>)"``); ``None`` without
+    ragged layers."""
+    layer = next((layer for layer in getattr(cache, "layers", ()) if isinstance(layer, RaggedLayer)), None)
+    return None if layer is None else str(ragged_attention_path(layer.device, layer.dtype, layer.head_dim))
 
 
 def attention_implementation(model: PreTrainedModel) -> str:
@@ -97,45 +110,6 @@ def _per_segment_attention(
     return torch.cat(outputs).view(bsz, n_q_heads, q_len, head_dim)
 
 
-def _varlen_available(query: torch.Tensor) -> bool:
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or os.environ.get(VARLEN_ENV) == "0":
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _varlen_attention(query: torch.Tensor, layer: RaggedLayer, scaling: float | None) -> torch.Tensor:
-    """One varlen kernel over all segments (CUDA): each (sequence, KV head) is a sequence, its G query heads a GQA
-    group."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    bsz, n_q_heads, q_len, head_dim = query.shape
-    n_segments = bsz * layer.num_heads
-    group = n_q_heads // layer.num_heads
-    packed_q = query.reshape(n_segments, group, q_len, head_dim).transpose(1, 2).reshape(-1, group, head_dim)
-    cu_q = torch.arange(n_segments + 1, device=query.device, dtype=torch.int32) * q_len
-    # Segments own capacity rows; seqused_k says how many of them hold tokens.
-    cu_k = torch.cat([layer.starts, layer.starts.new_tensor([layer.key_buffer.shape[0]])]).to(torch.int32)
-    out = varlen_attn(
-        packed_q,
-        layer.key_buffer.unsqueeze(1),
-        layer.value_buffer.unsqueeze(1),
-        cu_q,
-        cu_k,
-        q_len,
-        max(layer.head_lengths),
-        scale=scaling,
-        window_size=(-1, 0),
-        enable_gqa=True,
-        seqused_k=layer.lengths.to(torch.int32),
-    )
-    out = out.view(n_segments, q_len, group, head_dim).transpose(1, 2)
-    return out.reshape(bsz, n_q_heads, q_len, head_dim)
-
-
 def ragged_attention(
     query: torch.Tensor,
     layer: RaggedLayer,
@@ -153,12 +127,33 @@ def ragged_attention(
         )
     new_rows = new_row_visibility(attention_mask, query.shape[2])
     if new_rows is not None:
-        out = _per_segment_attention(query, layer, scaling, new_rows)
-    elif _varlen_available(query):
-        out = _varlen_attention(query, layer, scaling)
+        record_path(PER_SEGMENT_PADDING)
+        return _per_segment_attention(query, layer, scaling, new_rows).transpose(1, 2).contiguous()
+    path = ragged_attention_path(query.device, query.dtype, query.shape[-1])
+    record_path(path)
+    if path.name == VARLEN:
+        out = varlen_attention(query, layer, scaling)
     else:
         out = _per_segment_attention(query, layer, scaling)
     return out.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def _named(config: object, original: str) -> Iterator[None]:
+    """Show the original implementation's name in ``config`` while its function runs on a dense layer.
+
+    transformers' flash-attention forward hands ``module.config._attn_implementation`` to its lazy kernel import,
+    which takes an unknown name ("fastkvzip_ragged_flash_attention_2") for a hub kernel and fails. sdpa reads no name.
+    """
+    current = getattr(config, "_attn_implementation", None)
+    if not original.startswith("flash") or current is None or current == original:
+        yield
+        return
+    config._attn_implementation = original
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
 
 
 def _make_attention(original: str) -> Callable:
@@ -176,9 +171,10 @@ def _make_attention(original: str) -> Callable:
             if kwargs.get("sliding_window") or kwargs.get("softcap"):
                 raise NotImplementedError("ragged layers support full attention without logit soft-capping only")
             return ragged_attention(query, key, scaling, attention_mask), None
-        return ALL_ATTENTION_FUNCTIONS[original](
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        with _named(getattr(module, "config", None), original):
+            return ALL_ATTENTION_FUNCTIONS[original](
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
 
     attention.__name__ = f"{RAGGED_PREFIX}{original}"
     return attention

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from fastkvzip_press.cache.host_read import LastHostRead
 from fastkvzip_press.triton import ragged_append, ragged_compact
 
 DEFAULT_SPARE_TOKENS = 16
@@ -35,6 +36,8 @@ DEFAULT_SPARE_TOKENS = 16
 # eviction; with fixed room the copies per token grew with the context (at 8k tokens: about 9 % of a decoding step).
 GROWTH = 1 / 8
 POSITIONS = "positions"  # the side column of logical positions, maintained by the layer itself
+# Beam search reorders every layer with the same index tensor at every step: read it on the host once.
+_last_order: LastHostRead[list[int]] = LastHostRead()
 
 
 class RaggedView:
@@ -438,8 +441,8 @@ class RaggedLayer(CacheLayerMixin):
         self.key_buffer, self.value_buffer, *side = packed.rows
         self.columns = dict(zip(names, side))
         self.starts, self.lengths, self.capacities = packed.starts, packed.lengths, packed.capacities
-        self._lengths_host = packed.lengths.tolist()
-        self._capacities_host = packed.capacities.tolist()
+        self._lengths_host = list(packed.host_lengths)  # read by the compaction's one host synchronisation
+        self._capacities_host = [length + spare for length in packed.host_lengths]
         self._fill_spare_rows()
 
     def _fill_spare_rows(self) -> None:
@@ -523,24 +526,32 @@ class RaggedLayer(CacheLayerMixin):
         self._take_sequences(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
 
     def _take_sequences(self, index: torch.Tensor) -> None:
-        """Rebuild the layer from the sequences ``index [B']`` of this one (each segment with its spare rows)."""
-        index = torch.as_tensor(index, device=self.device).long().reshape(-1)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.batch_size):
-            raise IndexError(f"sequence indices {index.tolist()} outside the layer's {self.batch_size} sequences")
+        """Rebuild the layer from the sequences ``index [B']`` of this one (each segment with its spare rows).
+
+        The index is read on the host once (beam search reorders every layer at every step); everything else the
+        host needs is already there.
+        """
+        order = _last_order.get(index, None, lambda: index.reshape(-1).tolist()) if torch.is_tensor(index) else index
+        if any(i < 0 or i >= self.batch_size for i in order):
+            raise IndexError(f"sequence indices {order} outside the layer's {self.batch_size} sequences")
         heads = self.num_heads
-        segments = (index[:, None] * heads + torch.arange(heads, device=self.device)).reshape(-1)
+        segments_host = [i * heads + h for i in order for h in range(heads)]
+        capacities_host = [self._capacities_host[s] for s in segments_host]
+        segments = torch.as_tensor(index, device=self.device).long().reshape(-1)
+        segments = (segments[:, None] * heads + torch.arange(heads, device=self.device)).reshape(-1)
         capacities = self.capacities[segments]
         new_starts = capacities.cumsum(0) - capacities
-        offsets = torch.arange(int(capacities.sum()), device=self.device)
-        rows = torch.repeat_interleave(self.starts[segments] - new_starts, capacities) + offsets
+        total = sum(capacities_host)
+        offsets = torch.arange(total, device=self.device)
+        rows = torch.repeat_interleave(self.starts[segments] - new_starts, capacities, output_size=total) + offsets
         self.key_buffer = self.key_buffer.index_select(0, rows)
         self.value_buffer = self.value_buffer.index_select(0, rows)
         self.columns = {name: column.index_select(0, rows) for name, column in self.columns.items()}
         self.starts, self.lengths, self.capacities = new_starts, self.lengths[segments], capacities
-        self._lengths_host = self.lengths.tolist()
-        self._capacities_host = capacities.tolist()
-        self.pad_tokens = [self.pad_tokens[i] for i in index.tolist()]
-        self.batch_size = index.numel()
+        self._lengths_host = [self._lengths_host[s] for s in segments_host]
+        self._capacities_host = capacities_host
+        self.pad_tokens = [self.pad_tokens[i] for i in order]
+        self.batch_size = len(order)
 
     def __repr__(self) -> str:
         return (

@@ -13,6 +13,7 @@ from fastkvzip_press.eviction.decision import (
     SpanBudget,
     ThresholdBudget,
     decide,
+    keep_largest,
 )
 from fastkvzip_press.eviction.stats import EvictionStats
 
@@ -28,5 +29,6 @@ __all__ = [
     "SpanBudget",
     "ThresholdBudget",
     "decide",
+    "keep_largest",
     "span_budget",
 ]

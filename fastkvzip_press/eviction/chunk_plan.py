@@ -209,16 +209,17 @@ class ChunkPlan:
         offset = own[0] if bsz == 1 else tuple(own)
         one_pass = [self.finished and self._one_pass(b) for b in range(bsz)]
         full = self.padding is None and len(set(spans)) == 1
+        in_one_pass = torch.tensor(one_pass, device=first.device).view(1, -1, 1, 1)
         chunked = decide(
             scores,
             self.budget,
             Protection(self.n_sink, 0, offset=offset),
-            None if full and not any(one_pass) else valid & ~torch.tensor(one_pass).view(1, -1, 1, 1),
+            None if full and not any(one_pass) else valid & ~in_one_pass,
         )
         if not any(one_pass):
             return chunked
         # Short sequences: the one-pass decision of their whole context, as alone.
-        whole = decide(scores, self.one_pass_budget, self.protection, valid & torch.tensor(one_pass).view(1, -1, 1, 1))
+        whole = decide(scores, self.one_pass_budget, self.protection, valid & in_one_pass)
         return Decision(
             evicted=chunked.evicted | whole.evicted,
             kept=chunked.kept + whole.kept,  # each counts its own sequences only

@@ -218,28 +218,44 @@ def decide(
     shortfall = [0] * bsz
     if isinstance(budget, ThresholdBudget):
         evicted = candidates < budget.threshold
-    else:
-        evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        if budget.layerwise:
-            groups = [(slice(layer, layer + 1), heads) for layer in range(n_layers)]
-        else:
-            groups = [(slice(None), n_layers * heads)]
-        rows, counts, places = [], [], []
-        for sequence in range(bsz):
-            for layers, slots in groups:
-                flat = candidates[layers, sequence].reshape(-1)
-                pairs = int(valid[layers, sequence].sum())
-                evictable = int(torch.isfinite(flat).sum())
-                wanted = budget.pairs_to_evict(pairs, evictable, slots, sequence)
-                n_evict = max(0, min(wanted, evictable))
-                shortfall[sequence] += wanted - n_evict
-                rows.append(flat)
-                counts.append(n_evict)
-                places.append((layers, sequence))
-        # One selection for the whole batch: every (sequence[, layer]) group is a row with its own count.
-        _, chosen = select_smallest_rows(torch.stack(rows), torch.tensor(counts, device=scores.device))
-        for (layers, sequence), row in zip(places, chosen):
-            evicted[layers, sequence] = row.view(evicted[layers, sequence].shape)
+        kept = (valid & ~evicted).sum(-1)
+        return Decision(evicted, kept, evicted.sum(dim=(0, 2, 3)).tolist(), shortfall)
+    evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    # Pairs and evictable pairs of every (layer, sequence, head), read on the host in one go.
+    pairs, evictable = torch.stack([valid.sum(-1), torch.isfinite(candidates).sum(-1)]).tolist()
+    groups = [slice(layer, layer + 1) for layer in range(n_layers)] if budget.layerwise else [slice(0, n_layers)]
+    rows, counts, places = [], [], []
+    per_sequence = [0] * bsz
+    for sequence in range(bsz):
+        for layers in groups:
+            n_pairs = sum(sum(per_head[sequence]) for per_head in pairs[layers])
+            n_evictable = sum(sum(per_head[sequence]) for per_head in evictable[layers])
+            wanted = budget.pairs_to_evict(n_pairs, n_evictable, len(pairs[layers]) * heads, sequence)
+            n_evict = max(0, min(wanted, n_evictable))
+            shortfall[sequence] += wanted - n_evict
+            per_sequence[sequence] += n_evict  # the selection evicts exactly that many
+            rows.append(candidates[layers, sequence].reshape(-1))
+            counts.append(n_evict)
+            places.append((layers, sequence))
+    # One selection for the whole batch: every (sequence[, layer]) group is a row with its own count, known here.
+    _, chosen = select_smallest_rows(torch.stack(rows), torch.tensor(counts, dtype=torch.int64))
+    for (layers, sequence), row in zip(places, chosen):
+        evicted[layers, sequence] = row.view(evicted[layers, sequence].shape)
     kept = (valid & ~evicted).sum(-1)
-    per_sequence = evicted.sum(dim=(0, 2, 3)).tolist()
     return Decision(evicted=evicted, kept=kept, evicted_per_sequence=per_sequence, shortfall=shortfall)
+
+
+def keep_largest(scores: torch.Tensor, n_kept: int) -> torch.Tensor:
+    """``[..., N]`` bool: the ``n_kept`` largest scores of every row.
+
+    The rule of :func:`decide`: a row evicts its ``N - n_kept`` smallest scores, the lower index first among equal
+    ones, so what a row keeps depends on that row alone, never on its neighbours in a batch or on how a library
+    orders equal values (``topk`` does that differently for different vector widths).
+    """
+    n_pairs = scores.shape[-1]
+    if n_kept >= n_pairs:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    rows = scores.reshape(-1, n_pairs).float().contiguous()
+    to_evict = torch.full((rows.shape[0],), n_pairs - max(n_kept, 0), dtype=torch.int64)  # known here, on the host
+    _, evicted = select_smallest_rows(rows, to_evict)
+    return ~evicted.view(scores.shape)

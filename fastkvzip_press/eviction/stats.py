@@ -17,6 +17,8 @@ class EvictionStats:
         pairs_per_layer: pairs per layer before eviction, padding excluded (``H * T`` per sequence).
         num_layers: all decoder layers, gated or not (ungated layers keep everything).
         sequence_lengths: each sequence's own tokens (``T`` minus its padding); ``None``: all ``T``.
+        attention_path: the attention the cache's ragged layers get (``"varlen"``, or ``"per-segment (<why>)"``);
+            ``None`` when nothing is stored ragged (masked compaction).
     """
 
     context_length: int
@@ -24,6 +26,7 @@ class EvictionStats:
     pairs_per_layer: int
     num_layers: int
     sequence_lengths: list[int] | None = None
+    attention_path: str | None = None
 
     @property
     def total_pairs(self) -> int:
@@ -61,7 +64,8 @@ class EvictionStats:
         kept = torch.stack([kept.float() for kept in self.kept_per_head.values()])
         if self.sequence_lengths is None:
             return kept / self.context_length
-        return kept / torch.tensor(self.sequence_lengths, dtype=torch.float32).view(1, -1, 1)
+        lengths = torch.tensor(self.sequence_lengths, dtype=torch.float32, device=kept.device)
+        return kept / lengths.view(1, -1, 1)
 
     # Names before v0.5 ("entries" for pairs).
     entries_per_layer = property(lambda self: self.pairs_per_layer)

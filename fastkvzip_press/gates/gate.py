@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_RANK = 16
 DEFAULT_SINKS = 16
 MAX_LOGIT_GAP = 80.0  # sink minus own logit; exp(80) times 1024 sinks stays below fp32's largest value
+# Rows (sequences x tokens) of hidden states one gate call scores. The gate's fp32 intermediates grow with the rows:
+# the hidden states cast to fp32 alone take 16 KB a token at hidden size 4096 (2 GB at 128k tokens), so a long
+# prefill is scored in chunks of this many rows (64 MB there); at 4096 rows a chunk's matmul is still large.
+SCORE_CHUNK_TOKENS = 4096
 
 
 class GateMismatchError(ValueError):
@@ -98,9 +102,10 @@ class SinkGate(nn.Module):
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.q_proj.bias.new_zeros(heads * rank)])
         queries, keys = F.linear(x.to(weight.dtype), weight, bias).split([heads * group * rank, heads * rank], -1)
-        return self.q_norm(queries.view(bsz, n_tokens, heads, group, rank)), self.k_norm(
-            keys.view(bsz, n_tokens, heads, rank)
-        )
+        # The fp32 norm weights make both fp32 for fp32 and half-precision weights (then .float() costs nothing);
+        # fp64 weights would give fp64, which the fp32 sink keys cannot meet.
+        queries = self.q_norm(queries.view(bsz, n_tokens, heads, group, rank)).float()
+        return queries, self.k_norm(keys.view(bsz, n_tokens, heads, rank)).float()
 
     def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Own-key and sink logits.
@@ -220,11 +225,53 @@ class GateBank(nn.Module):
 
     @torch.no_grad()
     def score(self, layer_id: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Keep scores ``[B, H, N]`` (fp32, in (0, 1)) for hidden states ``[B, N, D]`` of layer ``layer_id``."""
+        """Keep scores ``[B, H, N]`` (fp32, in (0, 1)) for hidden states ``[B, N, D]`` of layer ``layer_id``.
+
+        The layer's gate moves to the device of ``hidden_states`` the first time they differ, and only that gate: a
+        model spread over several devices keeps each gate beside its layer. Tokens are scored
+        :data:`SCORE_CHUNK_TOKENS` rows at a time, so the fp32 intermediates stay bounded however long the prefill.
+        The gate scores every token on its own, so the chunks give the scores of one call, bit for bit wherever a
+        matrix product rounds each row alike whatever the number of rows (x86 CPUs do, from 12 rows on).
+        """
         gate = self.gate(layer_id)
-        if gate.q_proj.weight.device != hidden_states.device:
-            self.to(hidden_states.device)
-        return gate(hidden_states)
+        device = hidden_states.device
+        if gate.q_proj.weight.device != device:
+            gate.to(device)
+        bsz, n_tokens, _ = hidden_states.shape
+        step = max(1, SCORE_CHUNK_TOKENS // max(bsz, 1))  # tokens per chunk at most
+        if n_tokens <= step:
+            return gate(hidden_states)
+        # Chunks of equal size, so that none is a few rows: matrix products round a row alike whatever the other rows
+        # only above a few rows per call (fp32 on x86 CPUs: from 12 rows on), and for contiguous inputs only (bf16).
+        n_chunks = -(-n_tokens // step)
+        bounds = [n_tokens * chunk // n_chunks for chunk in range(n_chunks + 1)]
+        scores = torch.empty(bsz, gate.num_kv_heads, n_tokens, dtype=torch.float32, device=device)
+        for start, end in zip(bounds, bounds[1:]):
+            scores[..., start:end] = gate(hidden_states[:, start:end].contiguous())
+        return scores
+
+    def as_loaded(self) -> GateBank:
+        """This bank in the dtypes a gate file of it loads with: projections and bias ``b`` in the query projection's
+        dtype, norm weights and sink keys in fp32 (the gate's sink softmax runs in fp32).
+
+        A bank cast whole in memory (``bank.to(torch.bfloat16)``) holds half-precision norms and sink keys, which the
+        gate cannot mix with its fp32 ones. Returns ``self`` when nothing needs casting, else a new bank on the same
+        devices and with the same metadata object; ``self`` is left as it is.
+        """
+        if all(
+            tensor.dtype == torch.float32
+            for gate in self.gates
+            for tensor in (gate.q_norm.weight, gate.k_norm.weight, gate.k_base)
+        ):
+            return self
+        gates = []
+        for gate in self.gates:
+            shape = (gate.hidden_size, gate.num_kv_heads, gate.group_size, gate.rank, gate.n_sink)
+            with torch.device(gate.q_proj.weight.device):
+                loaded = SinkGate(*shape, dtype=gate.q_proj.weight.dtype)
+            loaded.load_state_dict(gate.state_dict())  # casts each tensor into the new gate's dtype, as loading does
+            gates.append(loaded)
+        return GateBank(gates, self.metadata)
 
     @classmethod
     def random(

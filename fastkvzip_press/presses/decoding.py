@@ -21,6 +21,7 @@ from fastkvzip_press.eviction import HeadTargetBudget, Protection, decide
 from fastkvzip_press.gates import GateBank, GateSource, decoder_layers
 from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
+from fastkvzip_press.presses.devices import layer_device, stack_on_one_device
 from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
 from fastkvzip_press.presses.padding import key_padding
 from fastkvzip_press.presses.score_ledger import ScoreLedger
@@ -244,9 +245,9 @@ class FastKVzipDecodingPress(DecodingPress):
         padded = [self._ledgers[layer_id].padded() for layer_id in layer_ids]  # per layer [B * H, N_l]
         width = max(scores.shape[-1] for scores, _, _ in padded)
 
-        def stack(index: int) -> torch.Tensor:  # [L, B, H, width]
+        def stack(index: int) -> torch.Tensor:  # [L, B, H, width], on the first gated layer's device
             parts = [nn.functional.pad(part[index], (0, width - part[index].shape[-1])) for part in padded]
-            return torch.stack(parts).view(len(layer_ids), bsz, -1, width)
+            return stack_on_one_device(parts).view(len(layer_ids), bsz, -1, width)
 
         scores, held, real = stack(0), stack(1), stack(2)
         valid = held & real
@@ -269,7 +270,9 @@ class FastKVzipDecodingPress(DecodingPress):
         if n_evicted == 0:
             return
         for layer_id, layer_evicted, layer_held, layer_real in zip(layer_ids, decision.evicted, held, real):
-            held_padding = layer_held & ~layer_real  # [B, H, width]
+            home = layer_device(cache, layer_id, scores.device)  # each layer's part goes back to its device
+            layer_evicted = layer_evicted.to(home)
+            held_padding = (layer_held & ~layer_real).to(home)  # [B, H, width]
             padding = held_padding[:, 0] if bool(held_padding.any()) else None  # the same tokens in every head
             self._strategy.evict_held(cache, self._attention[layer_id], layer_id, layer_evicted, padding)
             dropped = layer_evicted | held_padding if self._strategy.drops_padding else layer_evicted

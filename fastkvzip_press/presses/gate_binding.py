@@ -29,7 +29,9 @@ def check_gate_source(gates: object) -> GateSource:
 class GateBinding:
     """The gate bank a press uses, loaded from ``source`` for the model last seen.
 
-    ``post_init_from_model`` runs every time a press is entered, so loading is cached by (source, model).
+    ``post_init_from_model`` runs every time a press is entered, so loading is cached by (source, model). A bank
+    given in memory is bound in the dtypes a gate file of it would load with (:meth:`GateBank.as_loaded`: a bank cast
+    whole to bf16 keeps fp32 norms and sink keys), whatever the model's dtype.
     """
 
     bank: GateBank | None = None
@@ -38,7 +40,7 @@ class GateBinding:
     def bind(self, source: GateSource, model: PreTrainedModel) -> GateBank:
         key = (id(source) if isinstance(source, GateBank) else str(source), id(model))
         if self.bank is None or key != self._key:
-            self.bank = load_gates(source, model)
+            self.bank = load_gates(source, model).as_loaded()
             self._key = key
         return self.bank
 
@@ -46,7 +48,7 @@ class GateBinding:
         """The bound bank. Wrappers that do not forward ``post_init_from_model`` (kvpress's
         ``PerLayerCompressionPress``) leave it unbound: then an explicit ``source`` is loaded without a model."""
         if self.bank is None and source is not None:
-            self.bank = load_gates(source)
+            self.bank = load_gates(source).as_loaded()
             self._key = None
         if self.bank is None:
             raise RuntimeError(

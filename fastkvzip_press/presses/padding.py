@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from fastkvzip_press.cache.host_read import LastHostRead
+
+# Whether a mask holds padding is read on the host: once per forward (every layer gets the same mask), not per layer.
+_last_padding: LastHostRead[torch.Tensor | None] = LastHostRead()
+
 
 def key_padding(attention_mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
     """``[B, n_keys]`` bool, True where one of the last ``n_keys`` keys is padding; ``None`` when there is none.
@@ -14,6 +19,10 @@ def key_padding(attention_mask: torch.Tensor | None, n_keys: int) -> torch.Tenso
     """
     if attention_mask is None:
         return None
+    return _last_padding.get(attention_mask, n_keys, lambda: _read_padding(attention_mask, n_keys))
+
+
+def _read_padding(attention_mask: torch.Tensor, n_keys: int) -> torch.Tensor | None:
     if attention_mask.dim() == 2:
         visible = attention_mask.bool()
     elif attention_mask.dim() == 4:

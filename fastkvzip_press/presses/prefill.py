@@ -13,7 +13,7 @@ from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 from transformers import Cache, PreTrainedModel
 
-from fastkvzip_press.cache import attention_implementation
+from fastkvzip_press.cache import attention_implementation, cache_attention_path
 from fastkvzip_press.checks import require_bool, require_choice, require_int, require_real, require_window
 from fastkvzip_press.eviction import (
     ChunkPlan,
@@ -28,6 +28,7 @@ from fastkvzip_press.gates import GateBank, GateSource, ModelLayout, decoder_lay
 from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
 from fastkvzip_press.presses.chunked_prefill import ChunkedPrefill
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
+from fastkvzip_press.presses.devices import layer_device, stack_on_one_device
 from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
 from fastkvzip_press.presses.padding import key_padding
 
@@ -215,9 +216,11 @@ class FastKVzipPress(BasePress):
         """Decide the whole context at once, over every gated layer, and apply the decision. Padding of a batch
         (read from the attention mask) is neither counted nor kept."""
         layer_ids = list(self._attention)
-        scores = torch.stack([self._scores.pop(layer_id) for layer_id in layer_ids])  # [L, B, H, T]
+        scores = stack_on_one_device([self._scores.pop(layer_id) for layer_id in layer_ids])  # [L, B, H, T]
         n_tokens = scores.shape[-1]
         padding = key_padding(attention_mask, n_tokens)  # [B, T] or None
+        if padding is not None:
+            padding = padding.to(scores.device)  # the mask of the last gated layer, which may sit elsewhere
         lengths = [n_tokens] * scores.shape[1] if padding is None else (n_tokens - padding.sum(-1)).tolist()
         protection = self._protection()
         for length in lengths:
@@ -231,10 +234,12 @@ class FastKVzipPress(BasePress):
                 min(length for length, short in zip(lengths, decision.shortfall) if short),
             )
         for layer_id, layer_evicted, layer_scores in zip(layer_ids, decision.evicted, scores):
-            tail = TailEviction.whole(layer_evicted, padding, layer_scores)
+            home = layer_device(cache, layer_id, scores.device)
+            layer_padding = None if padding is None else padding.to(home)
+            tail = TailEviction.whole(layer_evicted.to(home), layer_padding, layer_scores.to(home))
             self._strategy.evict_tail(cache, self._attention[layer_id], layer_id, tail)
-        self._record_stats(n_tokens, dict(zip(layer_ids, decision.kept)), lengths)
-        logger.debug("evicted %d of %d gated KV pairs", int(decision.evicted.sum()), decision.evicted.numel())
+        self._record_stats(cache, n_tokens, dict(zip(layer_ids, decision.kept)), lengths)
+        logger.debug("evicted %d of %d gated KV pairs", sum(decision.evicted_per_sequence), decision.evicted.numel())
 
     # ----------------------------------------------------------------------------------------- chunked prefill
 
@@ -262,11 +267,13 @@ class FastKVzipPress(BasePress):
             for layer_id in layer_ids:
                 layer = cache.layers[layer_id]
                 kept[layer_id] = torch.tensor(layer.head_lengths).view(layer.batch_size, layer.num_heads)
-            self._record_stats(plan.context_length, kept, layer.sequence_lengths)
+            self._record_stats(cache, plan.context_length, kept, layer.sequence_lengths)
 
-    def _record_stats(self, context_length: int, kept_per_head: dict[int, torch.Tensor], lengths: list[int]) -> None:
+    def _record_stats(
+        self, cache: Cache, context_length: int, kept_per_head: dict[int, torch.Tensor], lengths: list[int]
+    ) -> None:
         """Store what the prefill kept (``kept_per_head``: ``{layer_id: [B, H]}``, sequences of ``lengths`` own
-        tokens); threshold mode learns its ratio."""
+        tokens) and which attention its ragged layers get; threshold mode learns its ratio."""
         heads = next(iter(kept_per_head.values())).shape[1]
         self.last_stats = EvictionStats(
             context_length=context_length,
@@ -274,6 +281,7 @@ class FastKVzipPress(BasePress):
             pairs_per_layer=heads * sum(lengths),
             num_layers=self._num_layers,
             sequence_lengths=lengths if any(length != context_length for length in lengths) else None,
+            attention_path=cache_attention_path(cache),
         )
         if self.threshold is not None:
             self.compression_ratio = self.last_stats.compression_ratio

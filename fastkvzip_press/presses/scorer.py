@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from fastkvzip_press.cache import enable_ragged_attention, evict_from_tail
 from fastkvzip_press.checks import require_real
+from fastkvzip_press.eviction import keep_largest
 from fastkvzip_press.gates import GateBank, GateSource
 from fastkvzip_press.presses.activation import exclusive
 from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
@@ -104,9 +105,7 @@ class FastKVzipScorerPress(ScorerPress):
         evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         for sequence, own in enumerate(~padding.to(scores.device)):
             row = scores[sequence : sequence + 1, :, own].contiguous()  # [1, H, n]: what the sequence scores alone
-            kept = row.topk(compute_n_kept(row.shape[-1], self.compression_ratio), dim=-1).indices[0]
-            keep = torch.zeros(row.shape[1:], dtype=torch.bool, device=row.device).scatter_(-1, kept, True)
-            evicted[sequence, :, own] = ~keep
+            evicted[sequence, :, own] = ~keep_largest(row[0], compute_n_kept(row.shape[-1], self.compression_ratio))
         model = self._model() if self._model is not None else None
         if model is None:
             raise RuntimeError("FastKVzipScorerPress needs post_init_from_model before compressing a padded batch")
@@ -178,8 +177,9 @@ class FastKVzipScorerPress(ScorerPress):
             return keys, values
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
         n_kept = compute_n_kept(keys.shape[2], self.compression_ratio)
-        # Sorted indices keep the retained pairs in their original order.
-        indices = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        # The kept pairs' indices in their original order: a stable sort puts them first.
+        keep = keep_largest(scores, n_kept).to(torch.uint8)
+        indices = keep.sort(dim=-1, descending=True, stable=True).indices[..., :n_kept]
         self._score_cache[module.layer_idx] = scores.gather(-1, indices)
         gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
         return keys.gather(2, gather_index).contiguous(), values.gather(2, gather_index).contiguous()

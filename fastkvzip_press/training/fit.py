@@ -5,8 +5,14 @@ learning rate 0.2 with a linear warm-up to half the rate over ``warmup_steps``, 
 steps, then 0.5× and, from three quarters on, 0.25×. Batches: ``batch_tokens`` positions drawn without replacement
 per epoch, the same positions for every layer. Metric: agreement of ``pred >= 0.05`` with ``target >= 0.05``.
 
-A checkpoint (gates, optimiser, history) is written atomically every ``checkpoint_every`` steps; a resumed fit
-continues from it and, because batches are derived from the step number, draws the same batches it would have.
+Layers share no parameter and the loss is a sum over layers, so fitting the layers one after another with the same
+batches and schedule gives the gates of one joint fit (each gate's gradient and SGD update are its own). The fit
+therefore reads one layer's features at a time (:class:`~fastkvzip_press.training.features.ShardSet`) and runs on
+any device: its memory is one layer's features, not the whole set's.
+
+A checkpoint (gates, the layer in progress, its step and optimiser, per-layer curves) is written atomically every
+``checkpoint_every`` steps and at the end of each layer; a resumed fit continues from it and, because batches are
+derived from the step number, draws the same batches it would have.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -23,13 +29,15 @@ from tqdm.auto import tqdm
 
 from fastkvzip_press.checks import require_int, require_real
 from fastkvzip_press.gates.atomic import atomic_write
-from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank
+from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank, SinkGate
 from fastkvzip_press.gates.layout import ModelLayout
-from fastkvzip_press.training.features import FeatureSplit
+from fastkvzip_press.training.features import LayerSource
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "fit_checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # 2: one layer at a time (layer index, its step and optimiser); 1 (no key): all layers jointly
+EVAL_TOKENS = 20_000  # validation tokens read per layer: a fixed, bounded sample (the first ones, in shard order)
 
 
 @dataclass
@@ -81,6 +89,8 @@ class FitReport:
     val_accuracy_per_layer: list[float]
     history: FitHistory
     seconds: float
+    read_seconds: float = 0.0  # of ``seconds``: reading features
+    device: str = "cpu"
 
 
 def lr_factor(step: int, config: FitConfig) -> float:
@@ -98,8 +108,29 @@ def batch_positions(step: int, n_tokens: int, config: FitConfig) -> torch.Tensor
     """Token positions of ``step``'s batch: consecutive slices of one permutation per epoch (seeded by epoch)."""
     per_epoch = max(1, n_tokens // config.batch_tokens)
     epoch, slot = divmod(step, per_epoch)
-    order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-    return order[slot * config.batch_tokens : (slot + 1) * config.batch_tokens]
+    order = _epoch_order(n_tokens, config.seed, epoch)
+    return order[slot * config.batch_tokens : (slot + 1) * config.batch_tokens].clone()
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(n_tokens: int, seed: int, epoch: int) -> torch.Tensor:
+    # One permutation per epoch, not per step: at a million tokens a permutation costs milliseconds, and every layer
+    # walks through the same epochs.
+    return torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def gate_loss(
+    gate: SinkGate, hidden: torch.Tensor, scores: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gate's loss (BCE, mean over tokens, sum over heads) and accuracy, each a scalar.
+
+    Args:
+        hidden: ``[N, D]`` gate inputs; scores: ``[H, N]`` targets in [0, 1].
+    """
+    pred = gate(hidden.float().unsqueeze(0))[0]  # [H, N]
+    target = scores.float()
+    bce = F.binary_cross_entropy(pred.clamp(1e-7, 1 - 1e-7), target, reduction="none")
+    return bce.mean(-1).sum(), ((pred >= threshold) == (target >= threshold)).float().mean()
 
 
 def layer_losses(
@@ -110,20 +141,8 @@ def layer_losses(
     Args:
         hidden: ``[L_g, N, D]`` gate inputs; scores: ``[L_g, H, N]`` targets in [0, 1].
     """
-    losses, accuracies = [], []
-    for index, layer_id in enumerate(bank.layer_ids):
-        pred = bank.gate(layer_id)(hidden[index].float().unsqueeze(0))[0]  # [H, N]
-        target = scores[index].float()
-        bce = F.binary_cross_entropy(pred.clamp(1e-7, 1 - 1e-7), target, reduction="none")
-        losses.append(bce.mean(-1).sum())
-        accuracies.append(((pred >= threshold) == (target >= threshold)).float().mean())
-    return torch.stack(losses), torch.stack(accuracies)
-
-
-def _evaluate(bank: GateBank, split: FeatureSplit, config: FitConfig, max_tokens: int = 20_000):
-    idx = torch.arange(split.num_tokens)[:max_tokens]  # a fixed, bounded validation sample
-    with torch.no_grad():
-        return layer_losses(bank, split.hidden[:, idx], split.scores[:, :, idx], config.metric_threshold)
+    pairs = [gate_loss(bank.gate(i), hidden[k], scores[k], threshold) for k, i in enumerate(bank.layer_ids)]
+    return torch.stack([loss for loss, _ in pairs]), torch.stack([accuracy for _, accuracy in pairs])
 
 
 def initial_gates(layout: ModelLayout, config: FitConfig) -> GateBank:
@@ -138,16 +157,36 @@ def initial_gates(layout: ModelLayout, config: FitConfig) -> GateBank:
     return bank
 
 
+@dataclass
+class _Progress:
+    """Where a fit stands: layers before ``layer`` are done; ``layer`` has taken ``step`` steps (with ``optimizer``,
+    its SGD state, when ``step > 0``). Per-layer curves and final validation figures of the layers done so far."""
+
+    layer: int = 0
+    step: int = 0
+    optimizer: dict | None = None
+    curves: dict[str, list[list[float]]] = field(
+        default_factory=lambda: {"train_loss": [], "val_loss": [], "val_accuracy": []}
+    )
+    final: list[tuple[float, float]] = field(default_factory=list)
+
+
 def fit_gates(
     layout: ModelLayout,
-    train: FeatureSplit,
-    val: FeatureSplit,
+    train: LayerSource,
+    val: LayerSource,
     config: FitConfig,
     directory: str | Path,
     resume: bool = True,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> tuple[GateBank, FitReport]:
-    """Fit a gate bank for ``layout`` on ``train``, validating on ``val``; checkpoints go to ``directory``."""
+    """Fit a gate bank for ``layout`` on ``train``, validating on ``val``; checkpoints go to ``directory``.
+
+    Layers are fitted one after another, each reading only its own features (``train.layer(i)``, and the first
+    :data:`EVAL_TOKENS` of ``val.layer(i)``) and dropping them before the next is read. ``device`` (default CPU) is
+    where the gates and the layer's features sit during the fit; the returned bank is on the CPU.
+    """
     if train.num_tokens < config.batch_tokens:
         raise ValueError(
             f"{train.num_tokens} training tokens are fewer than one batch of {config.batch_tokens}; "
@@ -155,58 +194,118 @@ def fit_gates(
         )
     if val.num_tokens == 0:
         raise ValueError("no validation tokens: the corpus needs at least two documents")
-    start_time = time.perf_counter()
-    directory = Path(directory)
+    start_time, read_seconds = time.perf_counter(), 0.0
+    device = torch.device("cpu" if device is None else device)
     torch.manual_seed(config.seed)
     bank = initial_gates(layout, config)
-    optimizer = torch.optim.SGD(bank.parameters(), lr=config.lr, momentum=config.momentum)
-    history, first_step = FitHistory(), 0
-    checkpoint = directory / CHECKPOINT_NAME
+    checkpoint = Path(directory) / CHECKPOINT_NAME
+    state = _Progress()
     if resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        if state["config"] != asdict(config):
-            raise ValueError(f"{checkpoint} was written with another configuration; remove it or pass the same options")
-        bank.load_state_dict(state["gates"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, first_step = FitHistory(**state["history"]), state["step"]
-        logger.info("resuming the fit at step %d", first_step)
+        state = _load_checkpoint(checkpoint, bank, config) or state
+    bank.to(device)
 
+    n_layers, threshold = len(bank.layer_ids), config.metric_threshold
     bar = tqdm(
-        range(first_step, config.steps), desc="fit", initial=first_step, total=config.steps, disable=not progress
+        desc="fit",
+        initial=state.layer * config.steps + state.step,
+        total=n_layers * config.steps,
+        disable=not progress,
     )
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config)
-        idx = batch_positions(step, train.num_tokens, config)
-        losses, _ = layer_losses(bank, train.hidden[:, idx], train.scores[:, :, idx], config.metric_threshold)
-        loss = losses.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        done = step + 1
-        if done % config.eval_every == 0 or done == config.steps:
-            val_losses, val_acc = _evaluate(bank, val, config)
-            history.step.append(done)
-            history.train_loss.append(loss.item())
-            history.val_loss.append(float(val_losses.sum()))
-            history.val_accuracy.append(float(val_acc.mean()))
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{history.val_loss[-1]:.3f}")
-        if done % config.checkpoint_every == 0 and done < config.steps:
-            state = {
-                "step": done,
-                "gates": bank.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "history": asdict(history),
-                "config": asdict(config),
-            }
-            atomic_write(checkpoint, partial(torch.save, state))
+    for index in range(state.layer, n_layers):
+        layer_id = bank.layer_ids[index]
+        read_start = time.perf_counter()
+        features = train.layer(index).to(device)
+        val_features = val.layer(index, EVAL_TOKENS).to(device)
+        read_seconds += time.perf_counter() - read_start
+        gate = bank.gate(layer_id)
+        optimizer = torch.optim.SGD(gate.parameters(), lr=config.lr, momentum=config.momentum)
+        first_step = state.step if index == state.layer else 0
+        if first_step:
+            optimizer.load_state_dict(state.optimizer)
+        else:
+            for values in state.curves.values():
+                values.append([])
+        for step in range(first_step, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, config)
+            idx = batch_positions(step, train.num_tokens, config).to(device)
+            loss, _ = gate_loss(gate, features.hidden[idx], features.scores[:, idx], threshold)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+            if done % config.eval_every == 0 or done == config.steps:
+                with torch.no_grad():
+                    val_loss, val_acc = gate_loss(gate, val_features.hidden, val_features.scores, threshold)
+                state.curves["train_loss"][index].append(loss.item())
+                state.curves["val_loss"][index].append(val_loss.item())
+                state.curves["val_accuracy"][index].append(val_acc.item())
+                bar.set_postfix(layer=layer_id, loss=f"{loss.item():.3f}", val=f"{val_loss.item():.3f}")
+            bar.update(1)
+            if done == config.steps:
+                state.final.append((val_loss.item(), val_acc.item()))
+                state.layer, state.step, state.optimizer = index + 1, 0, None
+                if index + 1 < n_layers:  # a finished layer is never fitted again
+                    _save_checkpoint(checkpoint, bank, state, config)
+            elif done % config.checkpoint_every == 0:
+                state.layer, state.step, state.optimizer = index, done, optimizer.state_dict()
+                _save_checkpoint(checkpoint, bank, state, config)
+        del features, val_features, optimizer  # before the next layer is read: one layer's features at a time
     bar.close()
-    val_losses, val_acc = _evaluate(bank, val, config)
+    bank.to("cpu")
+    eval_steps = [s for s in range(1, config.steps + 1) if s % config.eval_every == 0 or s == config.steps]
     report = FitReport(
         layer_ids=list(bank.layer_ids),
-        val_loss_per_layer=val_losses.tolist(),
-        val_accuracy_per_layer=val_acc.tolist(),
-        history=history,
+        val_loss_per_layer=[loss for loss, _ in state.final],
+        val_accuracy_per_layer=[accuracy for _, accuracy in state.final],
+        history=_combined_history(eval_steps, state.curves),
         seconds=time.perf_counter() - start_time,
+        read_seconds=read_seconds,
+        device=str(device),
     )
     return bank, report
+
+
+def _combined_history(steps: list[int], curves: dict[str, list[list[float]]]) -> FitHistory:
+    """The whole bank's curves from per-layer ones: losses summed over layers, accuracy averaged."""
+    columns = {name: torch.tensor(values, dtype=torch.float32) for name, values in curves.items()}  # [L_g, E]
+    return FitHistory(
+        step=steps,
+        train_loss=columns["train_loss"].sum(0).tolist(),
+        val_loss=columns["val_loss"].sum(0).tolist(),
+        val_accuracy=columns["val_accuracy"].mean(0).tolist(),
+    )
+
+
+def _save_checkpoint(path: Path, bank: GateBank, state: _Progress, config: FitConfig) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": asdict(config),
+        "gates": {name: tensor.cpu() for name, tensor in bank.state_dict().items()},
+        "layer": state.layer,
+        "step": state.step,
+        "optimizer": state.optimizer,
+        "curves": state.curves,
+        "final": [list(pair) for pair in state.final],
+    }
+    atomic_write(path, partial(torch.save, payload))
+
+
+def _load_checkpoint(path: Path, bank: GateBank, config: FitConfig) -> _Progress | None:
+    """Restore ``bank`` from a checkpoint and return where the fit stands; ``None`` for a checkpoint of the joint
+    fit of earlier versions (the fit then starts over: same data, same gates)."""
+    payload = torch.load(path, weights_only=True, map_location="cpu")
+    if payload["config"] != asdict(config):
+        raise ValueError(f"{path} was written with another configuration; remove it or pass the same options")
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        logger.warning("%s holds a fit of all layers at once (an earlier version); fitting from the start", path)
+        return None
+    bank.load_state_dict(payload["gates"])
+    logger.info("resuming the fit at layer %d, step %d", payload["layer"], payload["step"])
+    return _Progress(
+        layer=payload["layer"],
+        step=payload["step"],
+        optimizer=payload["optimizer"],
+        curves=payload["curves"],
+        final=[tuple(pair) for pair in payload["final"]],
+    )

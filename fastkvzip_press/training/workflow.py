@@ -1,7 +1,8 @@
 """One training run: corpus → feature shards → gate fit → exported gates, report and curves.
 
 Under ``torchrun`` the ranks split the feature extraction (each extracts every ``world_size``-th window of the same
-planned order, see :mod:`fastkvzip_press.training.distributed`); rank 0 then fits and exports once.
+planned order, see :mod:`fastkvzip_press.training.distributed`); rank 0 then fits and exports once. The fit streams
+the shards one gated layer at a time (:class:`~fastkvzip_press.training.features.ShardSet`) on the model's device.
 
 Output folder layout::
 
@@ -20,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fastkvzip_press.checks import KnobTypeError, require_int, require_real
@@ -30,8 +32,8 @@ from fastkvzip_press.training.corpus import check_source, iter_documents
 from fastkvzip_press.training.distributed import Ranks, barrier, process_group
 from fastkvzip_press.training.features import (
     MIN_WINDOW,
+    ShardSet,
     Window,
-    load_split,
     plan_windows,
     split_windows,
     write_shards,
@@ -76,6 +78,7 @@ def train(
     progress: bool = True,
     allow_other_model: bool = False,
     ranks: Ranks | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[GateBank, dict] | None:
     """Run every phase into ``out``; returns the fitted gates and the report written to ``report.json``.
 
@@ -85,6 +88,9 @@ def train(
     ``ranks`` (default: from torchrun's environment) splits the extraction between processes; every rank calls
     ``train`` with the same arguments. Rank 0 fits and exports once all shards are on disk and returns the result;
     the other ranks return ``None`` when their shards are written.
+
+    ``device`` is where the gates are fitted (default: the device of the model's first parameters, so ``--device
+    cuda`` fits on that GPU; the CPU for a model offloaded to disk). The fit holds one layer's features at a time.
     """
     out = Path(out)
     ranks = ranks or Ranks.from_environment()
@@ -115,13 +121,14 @@ def train(
     if not ranks.is_main:
         return None
 
-    start = time.perf_counter()
-    train_split = load_split([paths[i] for i in train_positions])
-    val_split = load_split([paths[i] for i in val_positions])
-    times["load_s"] = time.perf_counter() - start
-
-    bank, fit_report = fit_gates(layout, train_split, val_split, config.fit, out, resume=resume, progress=progress)
-    times["fit_s"] = fit_report.seconds
+    train_split = ShardSet([paths[i] for i in train_positions])  # headers only: layers are read during the fit
+    val_split = ShardSet([paths[i] for i in val_positions])
+    fit_device = fit_device_of(model) if device is None else torch.device(device)
+    bank, fit_report = fit_gates(
+        layout, train_split, val_split, config.fit, out, resume=resume, progress=progress, device=fit_device
+    )
+    times["load_s"] = fit_report.read_seconds
+    times["fit_s"] = fit_report.seconds - fit_report.read_seconds
 
     report = {
         "model_id": layout.model_id,
@@ -129,6 +136,7 @@ def train(
         "train_tokens": train_split.num_tokens,
         "val_tokens": val_split.num_tokens,
         "val_documents": val_split.documents,
+        "fit_device": fit_report.device,
         "layer_ids": fit_report.layer_ids,
         "val_loss_per_layer": fit_report.val_loss_per_layer,
         "val_accuracy_per_layer": fit_report.val_accuracy_per_layer,
@@ -146,6 +154,13 @@ def train(
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     plot_curves(fit_report, out / "curves.png")
     return bank, report
+
+
+def fit_device_of(model: PreTrainedModel) -> torch.device:
+    """Where the gates of ``model`` are fitted by default: its first parameters' device (the CPU if that is
+    ``meta``, as for weights accelerate offloaded to disk)."""
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def check_windows(windows: list[Window], config: TrainConfig) -> tuple[list[int], list[int]]:

@@ -3,13 +3,17 @@
 ``FASTKVZIP_PRESS_KERNELS`` selects the implementation: ``auto`` (default: Triton for CUDA tensors when Triton
 imports, torch otherwise), ``triton`` (always Triton; CPU tensors need the interpreter, ``TRITON_INTERPRET=1``) or
 ``torch``. Triton is optional (it ships for Linux only), so nothing here imports it at module level.
+
+Every launch runs under the CUDA device of its tensors (:func:`device_guard`): Triton launches on the current device
+and its stream, which need not be the device holding the data (a model split over GPUs, or tensors on ``cuda:1``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -53,6 +57,25 @@ def kernel_backend(tensor: torch.Tensor) -> Literal["triton", "torch"]:
     return "triton"
 
 
+def launch_device(args: Iterable[object]) -> torch.device | None:
+    """The one device of the tensors among a launch's arguments (``None`` when there are none).
+
+    Raises ValueError when they live on several devices: a kernel reads every pointer on one device, so mixed
+    arguments would read foreign memory instead of failing.
+    """
+    devices = {arg.device for arg in args if isinstance(arg, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"a kernel launch needs all its tensors on one device, got {sorted(map(str, devices))}")
+    return devices.pop() if devices else None
+
+
+def device_guard(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """Context under which a launch goes to ``device``: its CUDA device made current, a no-op for other devices."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 class LazyKernel:
     """A Triton kernel that is decorated with ``triton.jit`` on its first launch, not at import.
 
@@ -75,7 +98,14 @@ class LazyKernel:
             import triton
 
             kernel = self._decorated[interpret] = triton.jit(self.fn)
-        return kernel[grid]
+        launch = kernel[grid]
+
+        def launch_on_device_of_arguments(*args: Any, **kwargs: Any) -> Any:
+            # Every launch of every kernel passes here, so none can run on the wrong (current) device.
+            with device_guard(launch_device([*args, *kwargs.values()])):
+                return launch(*args, **kwargs)
+
+        return launch_on_device_of_arguments
 
 
 def lazy_jit(fn: Callable[..., None]) -> LazyKernel:

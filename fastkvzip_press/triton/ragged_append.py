@@ -86,7 +86,7 @@ def _checked_pairs(
 
 
 def _append_reference(pairs: list[tuple[torch.Tensor, torch.Tensor]], starts: torch.Tensor, lengths: torch.Tensor):
-    n_new = pairs[0][1].shape[1]
+    n_new = pairs[0][1].shape[1] if pairs else 0
     if n_new == 0:
         return
     # One target index for every buffer: they share the layout.
@@ -99,9 +99,13 @@ def _append_reference(pairs: list[tuple[torch.Tensor, torch.Tensor]], starts: to
         buffer.index_copy_(0, targets, rows.flatten(0, 1))
 
 
-def _ragged_append_triton(
-    buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor
-) -> None:
+def ragged_append_triton(buffers: Rows, starts: torch.Tensor, lengths: torch.Tensor, new_rows: Rows) -> None:
+    """Triton implementation of :func:`ragged_append` (same contract, same results): one launch per buffer."""
+    for buffer, rows in _checked_pairs(buffers, starts, lengths, new_rows):
+        _append_one(buffer, starts, lengths, rows)
+
+
+def _append_one(buffer: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, new_rows: torch.Tensor) -> None:
     n_segments, n_new = new_rows.shape[:2]
     width = math.prod(buffer.shape[1:])
     if n_segments == 0 or n_new == 0 or width == 0:
@@ -142,9 +146,8 @@ def ragged_append(buffers: Rows, starts: torch.Tensor, lengths: torch.Tensor, ne
     new_rows: [S, t, ...] per buffer, with its trailing shape and dtype; starts, lengths: [S] int64. The caller
     guarantees the capacity and updates lengths itself (this function does not change lengths).
     """
-    pairs = _checked_pairs(buffers, starts, lengths, new_rows)
-    if kernel_backend(pairs[0][0]) == "triton":
-        for buffer, rows in pairs:
-            _ragged_append_triton(buffer, starts, lengths, rows)
+    first = buffers if isinstance(buffers, torch.Tensor) else next(iter(buffers), None)
+    if first is not None and kernel_backend(first) == "triton":
+        ragged_append_triton(buffers, starts, lengths, new_rows)
     else:
-        _append_reference(pairs, starts, lengths)
+        ragged_append_reference(buffers, starts, lengths, new_rows)

@@ -29,12 +29,15 @@ class CompactedRows:
     starts: [S] int64, exclusive prefix sum of capacities.
     lengths: [S] int64, kept rows per segment.
     capacities: [S] int64, lengths + spare.
+    host_lengths: ``lengths`` as a list, read in the one host synchronisation the compaction needs anyway (for the
+    output size), so callers that keep lengths on the host need no second one.
     """
 
     rows: list[torch.Tensor]
     starts: torch.Tensor
     lengths: torch.Tensor
     capacities: torch.Tensor
+    host_lengths: list[int]
 
 
 @lazy_jit
@@ -92,6 +95,7 @@ class _Plan:
     kept_cumsum: torch.Tensor  # [sum(lengths)] inclusive count of kept flags
     total_rows: int
     max_length: int
+    host_kept: list[int]
 
 
 def _plan(
@@ -113,14 +117,15 @@ def _plan(
     kept = padded[(in_offsets + lengths).clamp(max=n_flags)] - kept_before
     capacities = kept + spare
     zero = lengths.new_zeros(1)
-    # One host synchronisation for the output size, the grid and the checks.
-    total_rows, max_length, total_length, min_start, max_end = torch.cat(
+    # One host synchronisation for the output size, the grid, the checks and the kept lengths.
+    total_rows, max_length, total_length, min_start, max_end, *host_kept = torch.cat(
         [
             capacities.sum().reshape(1),
             torch.cat([lengths, zero]).max().reshape(1),
             lengths.sum().reshape(1),
             torch.cat([starts, zero]).min().reshape(1),
             torch.cat([starts + lengths, zero]).max().reshape(1),
+            kept,
         ]
     ).tolist()
     if total_length != n_flags:
@@ -136,6 +141,7 @@ def _plan(
         kept_cumsum,
         total_rows,
         max_length,
+        host_kept,
     )
 
 
@@ -155,7 +161,7 @@ def ragged_compact_reference(
         packed = t.new_zeros((plan.total_rows, *t.shape[1:]))
         packed.index_copy_(0, target, t.index_select(0, source))
         out.append(packed)
-    return CompactedRows(out, plan.out_starts, plan.kept, plan.capacities)
+    return CompactedRows(out, plan.out_starts, plan.kept, plan.capacities, plan.host_kept)
 
 
 def _as_copyable(t: torch.Tensor) -> torch.Tensor:
@@ -163,9 +169,10 @@ def _as_copyable(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def _ragged_compact_triton(
-    rows: list[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor, spare: int
+def ragged_compact_triton(
+    rows: list[torch.Tensor], starts: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor, spare: int = 0
 ) -> CompactedRows:
+    """Triton implementation of :func:`ragged_compact` (same contract, same results): one launch per row tensor."""
     starts, lengths = starts.long(), lengths.long()
     plan = _plan(rows, starts, lengths, keep, spare)
     flags = keep.view(torch.uint8)
@@ -198,7 +205,7 @@ def _ragged_compact_triton(
             BLOCK_ROWS=block_rows,
             BLOCK_W=block_w,
         )
-    return CompactedRows(out, plan.out_starts, plan.kept, plan.capacities)
+    return CompactedRows(out, plan.out_starts, plan.kept, plan.capacities, plan.host_kept)
 
 
 def ragged_compact(
@@ -212,5 +219,5 @@ def ragged_compact(
     the kept rows of its input segment in their original order, followed by ``spare`` rows of zeros.
     """
     if kernel_backend(rows[0] if rows else keep) == "triton":
-        return _ragged_compact_triton(rows, starts, lengths, keep, spare)
+        return ragged_compact_triton(rows, starts, lengths, keep, spare)
     return ragged_compact_reference(rows, starts, lengths, keep, spare)

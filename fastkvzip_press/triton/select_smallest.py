@@ -10,6 +10,8 @@ in index order) is a torch cumsum over the equality mask.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fastkvzip_press.triton.dispatch import cdiv, kernel_backend, lazy_jit
@@ -102,31 +104,48 @@ def select_smallest_reference(values: torch.Tensor, k: int) -> tuple[torch.Tenso
     return threshold, below | (ties & (ties.cumsum(0) <= ties_taken))
 
 
-def _check_rows(values: torch.Tensor, k: torch.Tensor) -> None:
+Counts = torch.Tensor | Sequence[int]
+
+
+def check_counts(values: torch.Tensor, k: Counts) -> torch.Tensor:
+    """``k`` as an int64 tensor [R], checked against ``values [R, N]`` without waiting for the device.
+
+    Counts known on the host (a list or tuple of ints, or a CPU tensor) are checked to lie in [0, N]. Counts in a
+    device tensor are checked for shape only: reading them would wait for every queued kernel (a host
+    synchronisation), so their range is the caller's promise; pass host counts to have it checked.
+    """
     if values.dtype != torch.float32 or values.dim() != 2:
         raise TypeError(f"values must be a 2-D float32 tensor, got {values.dtype} of shape {tuple(values.shape)}")
-    if k.shape != values.shape[:1]:
-        raise ValueError(f"k needs one count per row ({values.shape[0]}), got shape {tuple(k.shape)}")
-    if k.numel() and (int(k.min()) < 0 or int(k.max()) > values.shape[1]):
-        raise ValueError(f"k={k.tolist()} outside [0, {values.shape[1]}]")
+    counts = torch.as_tensor(k, dtype=torch.int64)  # a list becomes a CPU tensor; a tensor keeps its device
+    if counts.shape != values.shape[:1]:
+        raise ValueError(f"k needs one count per row ({values.shape[0]}), got shape {tuple(counts.shape)}")
+    if counts.device.type == "cpu" and counts.numel():
+        low, high = int(counts.min()), int(counts.max())
+        if low < 0 or high > values.shape[1]:
+            raise ValueError(f"k={counts.tolist()} outside [0, {values.shape[1]}]")
+    return counts
 
 
-def select_smallest_rows_reference(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_smallest_rows_reference(values: torch.Tensor, k: Counts) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch implementation of :func:`select_smallest_rows` (same contract, same results bit for bit)."""
-    _check_rows(values, k)
-    rows = [select_smallest_reference(row, int(count)) for row, count in zip(values, k.tolist())]
+    counts = check_counts(values, k).tolist()  # one count per row on the host: this path selects row by row
+    rows = [select_smallest_reference(row, count) for row, count in zip(values, counts)]
     if not rows:
         return values.new_empty(0), torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     return torch.stack([threshold for threshold, _ in rows]), torch.stack([evict for _, evict in rows])
 
 
-def _select_smallest_rows_triton(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_smallest_rows_triton(values: torch.Tensor, k: Counts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton implementation of :func:`select_smallest_rows` (same contract, same results bit for bit): five
+    launches for all rows, and no host synchronisation."""
+    counts = check_counts(values, k)
     n_rows, n = values.shape
     bits = values.contiguous().view(torch.int32)
     device = values.device
     grid = (cdiv(n, _BLOCK), n_rows)
+    counts = counts.to(device, non_blocking=True)  # host counts: a copy to the device, not a synchronisation
     key = torch.zeros(n_rows, dtype=torch.int64, device=device)  # unsigned key of each threshold, digits fixed so far
-    rank = k.to(device=device, dtype=torch.int64)  # 1-based rank of the threshold among the row's matches
+    rank = counts.clone()  # 1-based rank of the threshold among the row's matches
     prefix = torch.zeros(n_rows, dtype=torch.int32, device=device)  # ``key`` in the kernels' signed view
     hist = torch.empty(n_rows, _NUM_BINS, dtype=torch.int32, device=device)
     for shift in _SHIFTS:
@@ -156,28 +175,29 @@ def _select_smallest_rows_triton(values: torch.Tensor, k: torch.Tensor) -> tuple
     evict = below | (ties & (ties.cumsum(1, dtype=torch.int32) <= rank[:, None]))
     signed = key - (1 << 31)
     threshold = torch.where(signed < 0, signed ^ 0x7FFFFFFF, signed).to(torch.int32).view(torch.float32)
-    nothing = k.to(device) == 0
+    nothing = counts == 0
     evict = evict & ~nothing[:, None]
     threshold = torch.where(nothing, torch.full_like(threshold, float("-inf")), threshold)
     return threshold, evict
 
 
-def select_smallest_rows(values: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def select_smallest_rows(values: torch.Tensor, k: Counts) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact selection of the ``k[r]`` smallest entries of every row ``r`` of ``values``, in one launch.
 
-    values: [R, N] float32 (finite or +inf; no NaN). k: [R] counts, 0 <= k[r] <= N.
+    values: [R, N] float32 (finite or +inf; no NaN). k: [R] counts, 0 <= k[r] <= N: a list or tuple of ints, or a
+    tensor. Host counts (a list, or a CPU tensor) are range-checked; counts already on the GPU are not, since reading
+    them would synchronise (see :func:`check_counts`).
     Returns (threshold [R], evict [R, N]): per row what :func:`select_smallest` returns for it.
-    Triton path: N < 2**31.
+    Triton path: N < 2**31, no host synchronisation.
     """
-    k = torch.as_tensor(k, dtype=torch.int64)
-    _check_rows(values, k)
+    counts = check_counts(values, k)
     if values.numel() and kernel_backend(values) == "triton":
-        return _select_smallest_rows_triton(values, k)
-    return select_smallest_rows_reference(values, k)
+        return select_smallest_rows_triton(values, counts)
+    return select_smallest_rows_reference(values, counts)
 
 
 def _select_smallest_triton(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    threshold, evict = _select_smallest_rows_triton(values[None], torch.tensor([k], device=values.device))
+    threshold, evict = select_smallest_rows_triton(values[None], [k])
     return threshold[0], evict[0]
 
 

@@ -176,3 +176,16 @@ def test_per_sequence_targets():
 def test_scores_must_be_four_dimensional():
     with pytest.raises(ValueError, match="layers, sequences, heads, pairs"):
         decide(torch.rand(2, 10), RatioBudget(0.5))
+
+
+def test_keep_largest_breaks_ties_by_index_in_every_row():
+    from fastkvzip_press.eviction import keep_largest
+
+    row = torch.tensor([0.5, 0.2, 0.5, 0.5, 0.9, 0.5])
+    rows = torch.stack([row, torch.rand(6), row.flip(0)])
+    kept = keep_largest(rows, 3)
+    assert kept[0].nonzero().flatten().tolist() == [3, 4, 5]  # among the four 0.5s, the last two stay
+    assert kept[2].nonzero().flatten().tolist() == [1, 3, 5]
+    assert torch.equal(keep_largest(row, 3), kept[0])
+    assert keep_largest(row, 6).all() and not keep_largest(row, 0).any()
+    assert keep_largest(torch.empty(2, 0), 0).shape == (2, 0)

@@ -168,3 +168,27 @@ def test_sliding_layers_are_left_intact(tiny_models, random_gates, caplog):
     for _ in range(2):
         assert torch.all(press.score(sliding, torch.randn(1, 20, 64), keys, keys, None, {}) == 1)
     assert caplog.text.count("has no gate") == 1
+
+
+def test_exact_ties_keep_the_later_pairs_alone_and_in_a_batch(setup, monkeypatch):
+    """Equal scores at the boundary: the lower index goes first, as in FastKVzipPress, whatever the other rows hold
+    (``topk`` broke such ties by unrelated entries, differently on AVX-512 and AVX2 CPUs)."""
+    model, _, gates = setup
+    press = FastKVzipScorerPress(0.5, gates=gates)
+    press.post_init_from_model(model)
+    module = model.model.layers[1].self_attn
+    tied = (torch.arange(16) % 3).float() / 3  # three values, each five or six times
+    # The rule spelled out: the 8 largest, among equal scores the later positions.
+    expected = sorted(sorted(range(16), key=lambda i: (float(tied[i]), i))[8:])
+    keys = torch.arange(16.0).view(1, 1, 16, 1).expand(2, 2, 16, 16)  # each key holds its position
+
+    def kept_positions(scores: torch.Tensor) -> torch.Tensor:
+        monkeypatch.setattr(press, "score", lambda *args, **kwargs: scores)
+        bsz = scores.shape[0]
+        kept_keys, _ = press.compress(module, torch.zeros(bsz, 16, 64), keys[:bsz], keys[:bsz], None, {})
+        return kept_keys[..., 0].long()
+
+    alone = kept_positions(tied.expand(1, 2, 16))
+    batch = kept_positions(torch.stack([tied.expand(2, 16), torch.rand(2, 16)]))
+    assert alone.tolist() == [[expected] * 2]
+    assert torch.equal(batch[:1], alone)

@@ -4,11 +4,12 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 from helpers import CONTEXT, QUESTIONS, make_pipeline
 
 from fastkvzip_press import FastKVzipPress, FastKVzipScorerPress, ModelLayout, load_gates
 from fastkvzip_press.cli import main
-from fastkvzip_press.training import FitConfig, TrainConfig, iter_documents, train
+from fastkvzip_press.training import FitConfig, TrainConfig, iter_documents, train, workflow
 from fastkvzip_press.training.features import extract_features, read_shard_metadata, split_by_document
 
 CONFIG = FitConfig(steps=20, batch_tokens=200, rank=4, n_sink=4, eval_every=10, checkpoint_every=100, warmup_steps=5)
@@ -62,11 +63,35 @@ def test_train_exports_gates_that_both_presses_load(llama, corpus_dir, tmp_path)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 0
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["layer_ids"] == list(bank.layer_ids) and set(saved["times"]) == {"features_s", "load_s", "fit_s"}
+    assert saved["fit_device"] == "cpu"  # the model's device
     gates = load_gates(tmp_path / "run" / "gates", model)
     assert gates.metadata.training["train_tokens"] == report["train_tokens"]
     pipe = make_pipeline(model, tokenizer)
     for press in (FastKVzipPress(0.5, gates=gates, window_size=4), FastKVzipScorerPress(0.5, gates=gates)):
         assert isinstance(pipe(CONTEXT, question=QUESTIONS[0], press=press, max_new_tokens=2)["answer"], str)
+
+
+class Stop(Exception):
+    """Ends a run once the fit's arguments have been seen."""
+
+
+def test_train_fits_on_the_device_asked_for_or_the_models(llama, corpus_dir, tmp_path, monkeypatch):
+    """``device`` reaches the fit (``meta`` stands in for a GPU); by default the fit runs where the model runs, which
+    is where ``train --device`` puts it."""
+    model, tokenizer = llama
+    seen = []
+
+    def spy(*args, device=None, **kwargs):
+        seen.append(device)
+        raise Stop
+
+    monkeypatch.setattr(workflow, "fit_gates", spy)
+    config = TrainConfig(corpus=str(corpus_dir), context_len=256, max_tokens=None, val_fraction=0.25, fit=CONFIG)
+    for device in (None, "meta"):
+        with pytest.raises(Stop):
+            train(model, tokenizer, tmp_path / "run", config, progress=False, device=device)
+    assert seen == [torch.device("cpu"), torch.device("meta")]
+    assert workflow.fit_device_of(torch.nn.Linear(2, 2, device="meta")) == torch.device("cpu")  # offloaded weights
 
 
 def test_train_command(llama, corpus_dir, tmp_path, capsys):

@@ -122,3 +122,11 @@ def test_buffers_and_new_rows_must_pair_up():
         kernels.ragged_append(buffers, as_index([0]), as_index([0]), [torch.zeros(1, 1, 4)])
     with pytest.raises(ValueError, match="one tensor of new rows per buffer"):
         kernels.ragged_append(buffers, as_index([0]), as_index([0]), torch.zeros(1, 1, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_append_to_no_buffers_does_nothing(request, backend):
+    if backend == "triton":
+        request.getfixturevalue("needs_triton")
+    with kernel_backend(backend):
+        kernels.ragged_append([], as_index([0]), as_index([0]), [])

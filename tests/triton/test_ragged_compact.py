@@ -37,6 +37,7 @@ def assert_same_compaction(got: kernels.CompactedRows, expected: kernels.Compact
     for name in ("starts", "lengths", "capacities"):
         a, b = getattr(got, name), getattr(expected, name)
         assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b), name
+    assert got.host_lengths == expected.host_lengths == expected.lengths.tolist()
 
 
 @st.composite

@@ -8,7 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastkvzip_press.triton as kernels
-from fastkvzip_press.triton.select_smallest import select_smallest_reference, select_smallest_rows_reference
+from fastkvzip_press.triton.select_smallest import (
+    check_counts,
+    select_smallest_reference,
+    select_smallest_rows_reference,
+)
 
 INF = float("inf")
 
@@ -173,3 +177,38 @@ def test_rows_reject_bad_arguments():
         kernels.select_smallest_rows(torch.zeros(2, 3), torch.tensor([1, 4]))
     with pytest.raises(TypeError, match="2-D float32"):
         kernels.select_smallest_rows(torch.zeros(3), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("counts", [[1, 3], (1, 3), torch.tensor([1, 3]), torch.tensor([1.0, 3.0])])
+def test_rows_take_counts_known_on_the_host(counts):
+    """A list, a tuple or a CPU tensor of counts: checked on the host, the same selection as the reference."""
+    values = torch.tensor([[3.0, 1.0, 2.0], [0.5, 0.5, 0.5]], device=KERNEL_DEVICE)
+    _, evict = kernels.select_smallest_rows(values, counts)
+    assert evict.tolist() == [[False, True, False], [True, True, True]]
+    with pytest.raises(ValueError, match="outside"):
+        kernels.select_smallest_rows(values, [1, 4] if isinstance(counts, list) else torch.tensor([-1, 0]))
+
+
+def test_counts_on_the_device_are_checked_without_reading_them():
+    """Counts already on the device are checked for shape only: reading their values waits for the device (a host
+    synchronisation in the decoding loop). Meta tensors stand in for them: any read of their values raises."""
+    values = torch.zeros(2, 5)
+    on_device = torch.tensor([1, 9], device="meta")  # 9 > 5: out of range, but only the device knows
+    assert check_counts(values, on_device).device.type == "meta"
+    with pytest.raises(ValueError, match="one count per row"):
+        check_counts(values, torch.tensor([1, 2, 3], device="meta"))
+    with pytest.raises(ValueError, match="outside"):
+        check_counts(values, torch.tensor([1, 9]))  # on the host the range is checked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rows_select_on_cuda_without_host_synchronisation(needs_triton):
+    values = torch.rand(3, 5000, device="cuda")
+    for counts in ([0, 10, 5000], torch.tensor([0, 10, 5000], device="cuda")):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, evict = kernels.select_smallest_rows(values, counts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert evict.sum(1).tolist() == [0, 10, 5000]

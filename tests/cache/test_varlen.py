@@ -1,0 +1,146 @@
+"""The varlen path (CUDA) driven on CPU through a stand-in of torch's varlen_attn, and when it is chosen."""
+
+import inspect
+import logging
+import math
+
+import pytest
+import torch
+from stand_ins import cpu_varlen_attn, torch_2_10_varlen_attn, varlen_on_cpu
+
+from fastkvzip_press.cache import RaggedLayer, attention_path_counts, ragged_attention, ragged_attention_path, varlen
+
+HEADS, GROUP, DIM = 3, 3, 64
+
+
+def test_the_stand_in_has_the_installed_signature():
+    installed = varlen.installed_varlen_attn()
+    if installed is None:
+        pytest.skip("this torch has no varlen_attn")
+
+    def shape(function):  # names, kinds and defaults (annotations are strings on one side)
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+    assert shape(cpu_varlen_attn) == shape(installed)
+    assert varlen.missing_varlen_parameters(installed) == ()
+
+
+def ragged_batch(dtype: torch.dtype, bsz: int = 3, tokens: int = 40, n_new: int = 4, seed: int = 0) -> RaggedLayer:
+    """A batch layer with segments of uneven lengths, spare rows after each, and ``n_new`` appended tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    keys, values = torch.randn(2, bsz, HEADS, tokens, DIM, generator=generator).to(dtype).unbind(0)
+    keep = torch.rand(bsz, HEADS, tokens, generator=generator) < 0.5
+    keep[..., -1] = True
+    layer = RaggedLayer.from_dense(keys, values, keep, spare_tokens=7)
+    layer.update(*torch.randn(2, bsz, HEADS, n_new, DIM, generator=generator).to(dtype).unbind(0))
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_new", [1, 4])
+def test_varlen_path_equals_per_segment_attention(monkeypatch, dtype, n_new):
+    layer = ragged_batch(dtype, n_new=n_new)
+    query = torch.randn(3, HEADS * GROUP, n_new, DIM).to(dtype)
+    scaling = 1 / math.sqrt(DIM)
+    monkeypatch.setenv(varlen.VARLEN_ENV, "0")
+    per_segment = ragged_attention(query, layer, scaling)
+    monkeypatch.delenv(varlen.VARLEN_ENV)
+    before = attention_path_counts().get(varlen.VARLEN, 0)
+    with varlen_on_cpu(monkeypatch):
+        assert ragged_attention_path(query.device, dtype, DIM).name == varlen.VARLEN
+        through_varlen = ragged_attention(query, layer, scaling)
+    assert attention_path_counts()[varlen.VARLEN] == before + 1
+    # Both compute in fp32 and round once: at most one ulp of the half type apart.
+    torch.testing.assert_close(through_varlen, per_segment, atol=1e-2, rtol=1e-2)
+
+
+def test_varlen_needs_no_host_read_of_device_data(monkeypatch):
+    layer = ragged_batch(torch.bfloat16, n_new=1)
+    query = torch.randn(3, HEADS * GROUP, 1, DIM).to(torch.bfloat16)
+    seen = []
+
+    def recording(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs):
+        seen.append((cu_seq_k.device, kwargs["seqused_k"].dtype, max_k))
+        return cpu_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs)
+
+    with varlen_on_cpu(monkeypatch, recording), monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "new_tensor", lambda *a, **k: pytest.fail("host-to-device copy per call"))
+        ragged_attention(query, layer, 0.1)
+    assert seen == [(query.device, torch.int32, max(layer.head_lengths))]
+
+
+def test_a_varlen_attn_without_the_needed_arguments_falls_back(monkeypatch, caplog):
+    layer = ragged_batch(torch.bfloat16)
+    query = torch.randn(3, HEADS * GROUP, 4, DIM).to(torch.bfloat16)
+    with varlen_on_cpu(monkeypatch, torch_2_10_varlen_attn), caplog.at_level(logging.INFO):
+        path = ragged_attention_path(query.device, query.dtype, DIM)
+        out = ragged_attention(query, layer, 0.1)  # the stand-in fails the test if it is called
+    assert path.name == varlen.PER_SEGMENT
+    assert "lacks scale, window_size, enable_gqa, seqused_k" in path.reason
+    assert out.shape == (3, 4, HEADS * GROUP, DIM)
+    assert any("lacks scale" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "reason"),
+    [
+        (torch.float32, 64, "float32 (varlen needs fp16/bf16)"),
+        (torch.bfloat16, 320, "head_dim 320"),
+        (torch.float16, 72 + 4, "head_dim 76"),
+    ],
+)
+def test_dtypes_and_head_sizes_the_kernels_lack_fall_back(monkeypatch, dtype, head_dim, reason):
+    with varlen_on_cpu(monkeypatch):
+        path = ragged_attention_path(torch.device("cpu"), dtype, head_dim)
+        assert ragged_attention_path(torch.device("cpu"), torch.bfloat16, 256).name == varlen.VARLEN
+    assert path.name == varlen.PER_SEGMENT
+    assert path.reason.startswith(reason)
+
+
+def test_the_environment_turns_varlen_off(monkeypatch):
+    monkeypatch.setenv(varlen.VARLEN_ENV, "0")
+    with varlen_on_cpu(monkeypatch):
+        path = ragged_attention_path(torch.device("cpu"), torch.bfloat16, DIM)
+    assert (path.name, path.reason) == (varlen.PER_SEGMENT, f"{varlen.VARLEN_ENV}=0")
+
+
+@pytest.mark.parametrize(
+    ("capability", "hip", "reason"),
+    [
+        ((9, 0), None, None),
+        ((8, 0), None, None),
+        ((7, 5), None, "compute capability 7.5 < 8.0"),
+        ((9, 4), "6.2", "a ROCm device"),
+    ],
+)
+def test_cuda_devices_are_checked_for_capability_and_vendor(monkeypatch, capability, hip, reason):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    varlen.device_supports_varlen.cache_clear()
+    try:
+        assert varlen.device_supports_varlen(torch.device("cuda", 1)) == reason
+        varlen.device_supports_varlen(torch.device("cuda", 1))
+    finally:
+        varlen.device_supports_varlen.cache_clear()
+    assert asked == ([] if hip else [torch.device("cuda", 1)])  # once per device, on the tensor's own device
+    assert varlen.device_supports_varlen(torch.device("cpu")) == "cpu tensors"
+
+
+def test_the_path_names_itself():
+    assert str(varlen.AttentionPath(varlen.VARLEN, "")) == "varlen"
+    assert str(varlen.AttentionPath(varlen.PER_SEGMENT, "cpu tensors")) == "per-segment (cpu tensors)"
+
+
+def test_the_prefill_press_reports_the_path_its_ragged_layers_get(llama, random_gates, monkeypatch):
+    from helpers import greedy_after_prefill
+
+    from fastkvzip_press import FastKVzipPress
+
+    model, tokenizer = llama
+    stats = {}
+    for compaction in ("ragged", "masked"):
+        press = FastKVzipPress(0.5, gates=random_gates(model), window_size=4, compaction=compaction)
+        greedy_after_prefill(model, tokenizer, press, steps=1)
+        stats[compaction] = press.last_stats.attention_path
+    assert stats == {"ragged": "per-segment (cpu tensors)", "masked": None}
