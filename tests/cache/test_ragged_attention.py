@@ -124,3 +124,38 @@ def test_ragged_attention_works_under_kvpress_masking_patch():
     wrapped = attention_patch(ALL_ATTENTION_FUNCTIONS[register_ragged_attention("sdpa")])
     out, _ = wrapped(torch.nn.Module(), query, layer, layer, None, 0.0, scaling=0.3)
     torch.testing.assert_close(out, ragged_attention(query, layer, 0.3))
+
+
+def test_a_flash_attention_padding_mask_marks_the_same_new_rows():
+    """flash-attention layers get the 2-D padding mask ``[B, kv]`` instead of sdpa's 4-D mask."""
+    keys, values, keep = batch_layer(bsz=2)
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    n_new = 4
+    layer.update(*torch.randn(2, 2, HEADS, n_new, DIM).unbind(0))
+    logical = layer.get_seq_length()
+    four_d = bottom_right_causal_mask(n_new, logical, "cpu").expand(2, 1, n_new, logical).clone()
+    four_d[0, :, :, logical - n_new : logical - n_new + 2] = False
+    two_d = torch.ones(2, logical, dtype=torch.long)
+    two_d[0, logical - n_new : logical - n_new + 2] = 0
+    query = torch.randn(2, HEADS * 2, n_new, DIM)
+    torch.testing.assert_close(
+        ragged_attention(query, layer, 0.2, attention_mask=two_d)[:, 2:],
+        ragged_attention(query, layer, 0.2, attention_mask=four_d)[:, 2:],
+    )
+
+
+def test_ragged_layers_refuse_what_they_cannot_attend():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from fastkvzip_press.cache import register_ragged_attention
+
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    attention = ALL_ATTENTION_FUNCTIONS[register_ragged_attention("sdpa")]
+    query = torch.randn(1, HEADS, 1, DIM)
+    with pytest.raises(NotImplementedError, match="full attention without logit soft-capping"):
+        attention(torch.nn.Module(), query, layer, layer, None, sliding_window=8)
+    with pytest.raises(ValueError, match="holds 1 sequence"):
+        ragged_attention(torch.randn(2, HEADS, 1, DIM), layer, 0.1)
+    with pytest.raises(ValueError, match="attn_implementation in"):
+        register_ragged_attention("eager")

@@ -144,3 +144,18 @@ def test_the_prefill_press_reports_the_path_its_ragged_layers_get(llama, random_
         greedy_after_prefill(model, tokenizer, press, steps=1)
         stats[compaction] = press.last_stats.attention_path
     assert stats == {"ragged": "per-segment (cpu tensors)", "masked": None}
+
+
+def test_a_torch_without_varlen_falls_back(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # the import fails, as on torch < 2.10
+    assert varlen.installed_varlen_attn() is None
+    monkeypatch.setattr(varlen, "device_supports_varlen", lambda device: None)
+    path = ragged_attention_path(torch.device("cpu"), torch.bfloat16, DIM)
+    assert path.name == varlen.PER_SEGMENT and "has no torch.nn.attention.varlen" in path.reason
+
+
+def test_a_function_without_a_readable_signature_counts_as_lacking_everything():
+    assert varlen.missing_varlen_parameters(object()) == varlen.VARLEN_PARAMETERS
+    assert varlen.missing_varlen_parameters(lambda *args, **kwargs: None) == ()

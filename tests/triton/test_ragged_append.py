@@ -77,6 +77,14 @@ def test_append_rejects_mismatched_rows():
         kernels.ragged_append(torch.zeros(8, 4), as_index([0]), as_index([0]), torch.zeros(1, 2, 3))
     with pytest.raises(TypeError, match="dtype"):
         kernels.ragged_append(torch.zeros(8, 4), as_index([0]), as_index([0]), torch.zeros(1, 2, 4).half())
+    with pytest.raises(ValueError, match="starts and lengths must be"):
+        kernels.ragged_append(torch.zeros(8, 4), as_index([0, 4]), as_index([0]), torch.zeros(1, 2, 4))
+
+
+def test_triton_append_needs_a_buffer_it_can_write_in_place(needs_triton):
+    buffer = torch.zeros(8, 4, 3, device=KERNEL_DEVICE).transpose(1, 2)  # [8, 3, 4] rows that do not flatten
+    with kernel_backend("triton"), pytest.raises(ValueError, match="flatten without a copy"):
+        kernels.ragged_append(buffer, as_index([0]), as_index([0]), torch.ones(1, 1, 3, 4, device=KERNEL_DEVICE))
 
 
 @st.composite

@@ -124,6 +124,14 @@ def test_compact_rejects_bad_layouts():
         kernels.ragged_compact(rows, as_index([0]), as_index([3]), torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="outside"):
         kernels.ragged_compact(rows, as_index([2]), as_index([3]), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="starts and lengths must be"):
+        kernels.ragged_compact(rows, as_index([0, 1]), as_index([3]), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="keep must be a 1-D bool tensor"):
+        kernels.ragged_compact(rows, as_index([0]), as_index([3]), torch.ones(3))
+    with pytest.raises(ValueError, match="spare=-1"):
+        kernels.ragged_compact(rows, as_index([0]), as_index([3]), torch.ones(3, dtype=torch.bool), spare=-1)
+    with pytest.raises(ValueError, match="share their leading dimension"):
+        kernels.ragged_compact([*rows, torch.zeros(5)], as_index([0]), as_index([3]), torch.ones(3, dtype=torch.bool))
 
 
 @st.composite
