@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from device_timing import hbm_peak_gbps
 from gpu_measure import (
     compaction_rows,
     longest_rows,
@@ -54,7 +55,6 @@ from gpu_setup import (
     TINY,
     build_model,
     free_memory,
-    hbm_peak_gbps,
     random_gates,
 )
 from isolated import write_csv

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from device_timing import time_ms
 from gpu_setup import (
     FULL_CACHE,
     GIB,
@@ -28,7 +29,6 @@ from gpu_setup import (
     make_press,
     random_ids,
     sync,
-    time_ms,
 )
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +81,6 @@ TINY_OVERRIDES = dict(
 )
 
 # Peak HBM bandwidth (GB/s, SXM parts) by device name; the longest matching name wins ("H200" before "H20").
-HBM_PEAK_GBPS = {"H200": 4800.0, "H100": 3350.0, "H20": 4000.0, "A100": 2039.0, "B200": 8000.0, "L40S": 864.0}
 
 # Seconds each section may spend (per model for the model sections): it stops starting new runs once spent.
 SECTION_BUDGET_S = {"timed": 75.0, "longest": 70.0}
@@ -168,35 +166,6 @@ def free_memory(device: torch.device) -> None:
 def is_out_of_memory(error: BaseException) -> bool:
     """A real CUDA out-of-memory error (from the caching allocator or a library's own allocation) or the stand-in."""
     return isinstance(error, (torch.cuda.OutOfMemoryError, OverBudget)) or "out of memory" in str(error)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
-    """Milliseconds per call: ``triton.testing.do_bench`` on CUDA (it flushes the L2 cache), median wall time on
-    CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=10, rep=50))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def hbm_peak_gbps(device: torch.device, override: float | None) -> float:
-    """The device's peak memory bandwidth in GB/s: ``override``, else the table by device name, else NaN."""
-    if override is not None:
-        return override
-    if device.type != "cuda":
-        return float("nan")
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(HBM_PEAK_GBPS, key=len, reverse=True):
-        if key in name:
-            return HBM_PEAK_GBPS[key]
-    return float("nan")
 
 
 @contextlib.contextmanager

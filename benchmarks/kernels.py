@@ -15,13 +15,12 @@ Writes ``<out>/kernels.{csv,md}`` (default ``benchmarks/results``).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from device_timing import hbm_peak_gbps, time_ms
 
 from fastkvzip_press.cache import RaggedLayer, ragged_attention
 from fastkvzip_press.triton import kernel_backend, ragged_append, ragged_compact, select_smallest_rows
@@ -32,40 +31,17 @@ SHAPES = {  # layers, KV heads, query heads per KV head, head_dim
     "8b": (32, 8, 4, 128),
 }
 # Peak memory bandwidth (GB/s) of devices by name, for the achieved/peak column; others print the measured copy rate.
-PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
-
-
-def _time_cpu(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Milliseconds per call: ``do_bench`` on CUDA, median wall time on CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100))
-    return _time_cpu(fn, repeats)
 
 
 def _peak_gbps(device: torch.device) -> float:
     if device.type != "cuda":
         return float("nan")
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_GBPS.items():
-        if key in name:
-            return value
+    if (peak := hbm_peak_gbps(device)) == peak:  # not NaN: a known device
+        return peak
     # Unknown device: a large device-to-device copy as the practical peak.
     src = torch.empty(2**28, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = _time(lambda: dst.copy_(src), device, 10)
+    ms = time_ms(lambda: dst.copy_(src), device, 10, warmup=3)
     return 2 * src.numel() / ms / 1e6
 
 
@@ -158,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes:
         for context in args.contexts:
             for kernel, fn, moved in _cases(shape, context, device, dtype):
-                ms = _time(fn, device, args.repeats)
+                ms = time_ms(fn, device, args.repeats, warmup=3)
                 gbps = moved / ms / 1e6
                 rows.append(
                     {

@@ -1,7 +1,7 @@
 """Needle in a haystack on the default model in bf16 (or fp16): the full cache and FastKVzipPress with the shipped
 gates, compared context by context with the fp32 run of ``benchmarks/niah_presses.py``.
 
-    flock /tmp/fastkvzip-heavy.lock .venv/bin/python benchmarks/niah_bf16.py              # 10 contexts, ~6 min
+    .venv/bin/python benchmarks/niah_bf16.py              # 10 contexts, about 6 min on 2 cores
     .venv/bin/python benchmarks/niah_bf16.py --contexts 2 --ratios 0.5 --out /tmp/niah   # a quick look
 
 The contexts are the first ``--contexts`` of ``niah_presses.py``'s (same generator, seed and sizes), so every
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from niah_presses import wilson  # noqa: E402  (a sibling script, not a package)
+from niah_presses import add_niah_arguments, niah_setup, wilson  # noqa: E402  (a sibling script, not a package)
 
 DTYPES = ("bfloat16", "float16", "float32")
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -83,35 +83,15 @@ def write_report(configs, records, reference, out: Path, settings: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    parser.add_argument("--contexts", type=int, default=10)
-    parser.add_argument("--context-tokens", type=int, default=2000)
-    parser.add_argument("--needles", type=int, default=3, help="needles per context (1 asked, the rest distractors)")
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_niah_arguments(parser, contexts=10)
     parser.add_argument("--fp32-csv", default=str(ROOT / "benchmarks" / "results" / "niah.csv"))
-    parser.add_argument("--model-cache", default=None)
-    parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-
     import torch
-    from transformers.utils import logging as hf_logging
-
-    if args.quiet:
-        hf_logging.disable_progress_bar()
 
     from fastkvzip_press import FastKVzipPress
-    from fastkvzip_press.evaluation import NeedleConfig, make_niah_samples, stdlib_paragraphs
     from fastkvzip_press.evaluation.answers import answer_rows
-    from fastkvzip_press.models import load_default_model
-    from fastkvzip_press.presses.pipeline import kvpress_pipeline
 
-    torch.manual_seed(0)
-    model, tokenizer = load_default_model(cache_dir=args.model_cache, dtype=getattr(torch, args.dtype))
-    pipe = kvpress_pipeline(model, tokenizer)
-    config = NeedleConfig(context_tokens=args.context_tokens, n_needles=args.needles)
-    rows = make_niah_samples(tokenizer, stdlib_paragraphs(), n_contexts=args.contexts, config=config, seed=args.seed)
+    model, pipe, rows = niah_setup(args, dtype=getattr(torch, args.dtype))
     settings = {
         "dtype": args.dtype,
         "contexts": args.contexts,
@@ -120,7 +100,7 @@ def main() -> None:
         "seed": args.seed,
         "seconds": {},
         "command": (
-            f"flock /tmp/fastkvzip-heavy.lock .venv/bin/python benchmarks/niah_bf16.py --dtype {args.dtype} "
+            f".venv/bin/python benchmarks/niah_bf16.py --dtype {args.dtype} "
             f"--contexts {args.contexts} --ratios {' '.join(str(r) for r in args.ratios)}"
         ),
     }

@@ -84,20 +84,22 @@ def write_report(configs: list[tuple[str, float]], records: dict[str, list[dict]
     (out / "niah.md").write_text("\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, default=24)
+def add_niah_arguments(parser: argparse.ArgumentParser, contexts: int) -> None:
+    """The NIAH set's flags (contexts, length, needles, ratios, seed), output, model cache and quiet."""
+    parser.add_argument("--contexts", type=int, default=contexts)
     parser.add_argument("--context-tokens", type=int, default=2000)
     parser.add_argument("--needles", type=int, default=3, help="needles per context (1 asked, the rest distractors)")
-    parser.add_argument("--presses", nargs="+", default=["fastkvzip", "streaming_llm", "knorm"], choices=PRESSES)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--model-cache", default=None)
     parser.add_argument("-q", "--quiet", action="store_true")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
+
+def niah_setup(args: argparse.Namespace, dtype=None):
+    """Logging, the default model (in ``dtype``; fp32 by default), kvpress's pipeline and the seeded NIAH rows that
+    ``args`` describe: ``(model, pipeline, rows)``."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -105,15 +107,24 @@ def main() -> None:
         hf_logging.disable_progress_bar()
 
     from fastkvzip_press.evaluation import NeedleConfig, make_niah_samples, stdlib_paragraphs
-    from fastkvzip_press.evaluation.answers import answer_rows
     from fastkvzip_press.models import load_default_model
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
 
     torch.manual_seed(0)
-    model, tokenizer = load_default_model(cache_dir=args.model_cache)
-    pipe = kvpress_pipeline(model, tokenizer)
+    model, tokenizer = load_default_model(cache_dir=args.model_cache, **({} if dtype is None else {"dtype": dtype}))
     config = NeedleConfig(context_tokens=args.context_tokens, n_needles=args.needles)
     rows = make_niah_samples(tokenizer, stdlib_paragraphs(), n_contexts=args.contexts, config=config, seed=args.seed)
+    return model, kvpress_pipeline(model, tokenizer), rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_niah_arguments(parser, contexts=24)
+    parser.add_argument("--presses", nargs="+", default=["fastkvzip", "streaming_llm", "knorm"], choices=PRESSES)
+    args = parser.parse_args()
+    model, pipe, rows = niah_setup(args)
+    from fastkvzip_press.evaluation.answers import answer_rows
+
     settings = {"contexts": args.contexts, "tokens": args.context_tokens, "needles": args.needles, "seed": args.seed}
     settings["command"] = (
         f"python benchmarks/niah_presses.py --contexts {args.contexts} --needles {args.needles} --seed {args.seed} "

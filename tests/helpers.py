@@ -72,6 +72,79 @@ def greedy_decode(model, tokenizer, press, n_steps: int, prompt: str = CONTEXT, 
     return tokens, torch.cat(logits), cache
 
 
+def teacher_forced_after_prefill(model, tokenizer, press, forced: list[int] | None = None, steps: int = 8):
+    """Prefill ``CONTEXT`` under ``press``, then decode after a question on the model's device: greedily, or feeding
+    ``forced`` tokens (teacher forcing, so two runs compare step by step). Returns (tokens, logits ``[steps, V]`` in
+    fp32, cache)."""
+    device = model.device
+    ids = tokenizer(CONTEXT, return_tensors="pt").input_ids.to(device)
+    step_ids = tokenizer(QUESTIONS[0], return_tensors="pt").input_ids.to(device)
+    cache = DynamicCache()
+    tokens, logits = [], []
+    with torch.no_grad():
+        with press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+        position = ids.shape[1]
+        for step in range(steps):
+            positions = torch.arange(position, position + step_ids.shape[1], device=device)[None]
+            step_logits = model(step_ids, past_key_values=cache, position_ids=positions).logits[:, -1].float()
+            position += step_ids.shape[1]
+            tokens.append(int(step_logits.argmax()) if forced is None else forced[step])
+            logits.append(step_logits)
+            step_ids = torch.tensor([[tokens[-1]]], device=device)
+    return tokens, torch.cat(logits), cache
+
+
+def teacher_forced_decoding(model, tokenizer, press, forced: list[int] | None = None, steps: int = 40):
+    """Prefill ``CONTEXT`` and decode ``steps`` tokens with ``press`` active throughout (greedy or ``forced``).
+
+    Returns (tokens, logits ``[steps, V]`` in fp32, cache, ``{layer_id: masked_key_indices}`` as the press leaves them
+    on the attention modules before it exits; kvpress's ``(batch, head, position)`` index tensors, or None).
+    """
+    device = model.device
+    ids = tokenizer(CONTEXT, return_tensors="pt").input_ids.to(device)
+    cache = DynamicCache()
+    tokens, logits = [], []
+    with torch.no_grad(), press(model):
+        out = model(ids, past_key_values=cache)
+        for step in range(steps):
+            step_logits = out.logits[:, -1].float()
+            tokens.append(int(step_logits.argmax()) if forced is None else forced[step])
+            logits.append(step_logits)
+            out = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache)
+        masked = {i: getattr(layer.self_attn, "masked_key_indices", None) for i, layer in enumerate(model.model.layers)}
+    return tokens, torch.cat(logits), cache, masked
+
+
+def assert_same_run(tol: float, tokens: list[int], logits: torch.Tensor, reference_logits: torch.Tensor) -> None:
+    """Logits within ``tol`` at every step, and greedy tokens equal until the first near-tie: fed the same prefix,
+    the reference picks the run's token unless the top-2 gap is within ``tol``."""
+    diff = float((logits - reference_logits).abs().max())
+    assert diff <= tol, f"max |logit difference| {diff:.5f} exceeds the tolerance {tol:.5f}"
+    for step, (pick, token) in enumerate(zip(reference_logits.argmax(-1).tolist(), tokens)):
+        if pick != token:
+            top2 = logits[step].topk(2).values
+            assert float(top2[0] - top2[1]) <= tol, f"step {step}: greedy picks differ without a near-tie"
+
+
+def generate_left_padded(model, tokenizer, press, prompts: list[str], steps: int, **kwargs):
+    """Left-padded greedy ``generate`` of ``steps`` tokens under ``press`` on the model's device: (new tokens
+    ``[B, steps]``, logits ``[B, steps, V]`` in fp32, cache)."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad(), press(model):
+        out = model.generate(
+            **batch,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    return out.sequences[:, batch.input_ids.shape[1] :], torch.stack(out.logits, dim=1).float(), out.past_key_values
+
+
 def make_pipeline(model, tokenizer):
     return kvpress_pipeline(model, tokenizer)
 

@@ -10,12 +10,19 @@ logits by 0.05 to 0.5, far outside it.
 """
 
 import os
+from functools import partial
 from unittest import mock
 
 import pytest
 import torch
-from helpers import CONTEXT, QUESTIONS, stored_pairs_per_head
-from transformers import DynamicCache
+from helpers import (
+    CONTEXT,
+    assert_same_run,
+    generate_left_padded,
+    stored_pairs_per_head,
+    teacher_forced_after_prefill,
+    teacher_forced_decoding,
+)
 
 from fastkvzip_press import FastKVzipDecodingPress, FastKVzipPress, GateBank, ModelLayout, RaggedLayer
 from fastkvzip_press.cache import attention_path_counts, ragged_attention_path, ragged_layer_ids, varlen
@@ -53,56 +60,6 @@ def tolerance(dtype: torch.dtype, logits: torch.Tensor) -> float:
     return ULPS * torch.finfo(dtype).eps * float(logits.abs().max())
 
 
-def after_prefill(model, tokenizer, press, forced: list[int] | None = None, steps: int = STEPS):
-    """Prefill ``CONTEXT`` under ``press``, then decode after a question: greedily, or feeding ``forced`` tokens.
-    Returns (tokens, logits ``[steps, V]`` in fp32, cache)."""
-    device = model.device
-    ids = tokenizer(CONTEXT, return_tensors="pt").input_ids.to(device)
-    step_ids = tokenizer(QUESTIONS[0], return_tensors="pt").input_ids.to(device)
-    cache = DynamicCache()
-    tokens, logits = [], []
-    with torch.no_grad():
-        with press(model):
-            model.model(input_ids=ids, past_key_values=cache)
-        position = ids.shape[1]
-        for step in range(steps):
-            positions = torch.arange(position, position + step_ids.shape[1], device=device)[None]
-            step_logits = model(step_ids, past_key_values=cache, position_ids=positions).logits[:, -1].float()
-            position += step_ids.shape[1]
-            tokens.append(int(step_logits.argmax()) if forced is None else forced[step])
-            logits.append(step_logits)
-            step_ids = torch.tensor([[tokens[-1]]], device=device)
-    return tokens, torch.cat(logits), cache
-
-
-def while_decoding(model, tokenizer, press, forced: list[int] | None = None, steps: int = 60):
-    """Prefill ``CONTEXT`` and decode ``steps`` tokens with ``press`` active throughout (greedy or ``forced``)."""
-    device = model.device
-    ids = tokenizer(CONTEXT, return_tensors="pt").input_ids.to(device)
-    cache = DynamicCache()
-    tokens, logits = [], []
-    with torch.no_grad(), press(model):
-        out = model(ids, past_key_values=cache)
-        for step in range(steps):
-            step_logits = out.logits[:, -1].float()
-            tokens.append(int(step_logits.argmax()) if forced is None else forced[step])
-            logits.append(step_logits)
-            out = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache)
-    return tokens, torch.cat(logits), cache
-
-
-def assert_same_run(dtype, tokens, logits, reference_logits):
-    """Logits within the tolerance at every step; the reference's greedy pick equals the token fed unless the step
-    is a near-tie (top-2 gap within the tolerance)."""
-    tol = tolerance(dtype, reference_logits)
-    diff = float((logits - reference_logits).abs().max())
-    assert diff <= tol, f"max |logit difference| {diff:.5f} exceeds the tolerance {tol:.5f} ({dtype})"
-    for step, (pick, token) in enumerate(zip(reference_logits.argmax(-1).tolist(), tokens)):
-        if pick != token:
-            top2 = logits[step].topk(2).values
-            assert float(top2[0] - top2[1]) <= tol, f"step {step}: greedy picks differ without a near-tie"
-
-
 def assert_stored_on(device, dtype, cache, layer_ids):
     for layer_id in layer_ids:
         layer = cache.layers[layer_id]
@@ -119,10 +76,10 @@ def assert_stored_on(device, dtype, cache, layer_ids):
 def test_one_pass_ragged_equals_masked(models, device, arch, dtype):
     model, tokenizer, gates = models(arch, dtype)
     ragged = FastKVzipPress(0.5, gates=gates, window_size=4)
-    tokens, logits, cache = after_prefill(model, tokenizer, ragged)
+    tokens, logits, cache = teacher_forced_after_prefill(model, tokenizer, ragged)
     masked = FastKVzipPress(0.5, gates=gates, window_size=4, compaction="masked")
-    _, masked_logits, _ = after_prefill(model, tokenizer, masked, forced=tokens)
-    assert_same_run(dtype, tokens, logits, masked_logits)
+    _, masked_logits, _ = teacher_forced_after_prefill(model, tokenizer, masked, forced=tokens)
+    assert_same_run(tolerance(dtype, masked_logits), tokens, logits, masked_logits)
     for layer_id, kept in ragged.last_stats.kept_per_head.items():  # the same decision, from the same prefill
         assert torch.equal(kept.cpu(), masked.last_stats.kept_per_head[layer_id].cpu())
     assert ragged_layer_ids(cache) == list(ragged.gate_bank.layer_ids)  # Gemma3: sliding layers stay dense
@@ -135,9 +92,9 @@ def test_chunked_prefill_without_eviction_equals_the_full_cache(models, arch, dt
     ragged attention across chunks)."""
     model, tokenizer, gates = models(arch, dtype)
     press = FastKVzipPress(gates=gates, threshold=0.0, window_size=4, chunk_size=37)
-    tokens, logits, _ = after_prefill(model, tokenizer, press)
-    _, full_logits, _ = after_prefill(model, tokenizer, FastKVzipPress(gates=gates), forced=tokens)
-    assert_same_run(dtype, tokens, logits, full_logits)
+    tokens, logits, _ = teacher_forced_after_prefill(model, tokenizer, press)
+    _, full_logits, _ = teacher_forced_after_prefill(model, tokenizer, FastKVzipPress(gates=gates), forced=tokens)
+    assert_same_run(tolerance(dtype, full_logits), tokens, logits, full_logits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -149,7 +106,7 @@ def test_triton_kernels_give_what_the_torch_references_give(models, arch, dtype)
     for backend in ("triton", "torch"):
         with mock.patch.dict(os.environ, {KERNELS_ENV: backend}):
             press = FastKVzipPress(0.6, gates=gates, window_size=4, chunk_size=50)
-            runs[backend] = after_prefill(model, tokenizer, press)
+            runs[backend] = teacher_forced_after_prefill(model, tokenizer, press)
     assert runs["triton"][0] == runs["torch"][0]
     assert torch.equal(runs["triton"][1], runs["torch"][1])
 
@@ -161,12 +118,12 @@ def test_the_press_decodes_through_varlen_as_through_per_segment_sdpa(models, de
     if path.name != varlen.VARLEN:
         pytest.skip(f"the varlen path does not run here: {path}")
     before = attention_path_counts().get(varlen.VARLEN, 0)
-    tokens, logits, _ = after_prefill(model, tokenizer, FastKVzipPress(0.5, gates=gates, window_size=4))
+    tokens, logits, _ = teacher_forced_after_prefill(model, tokenizer, FastKVzipPress(0.5, gates=gates, window_size=4))
     assert attention_path_counts()[varlen.VARLEN] > before
     with mock.patch.dict(os.environ, {varlen.VARLEN_ENV: "0"}):
         press = FastKVzipPress(0.5, gates=gates, window_size=4)
-        _, per_segment_logits, _ = after_prefill(model, tokenizer, press, forced=tokens)
-    assert_same_run(dtype, tokens, logits, per_segment_logits)
+        _, per_segment_logits, _ = teacher_forced_after_prefill(model, tokenizer, press, forced=tokens)
+    assert_same_run(tolerance(dtype, per_segment_logits), tokens, logits, per_segment_logits)
 
 
 # ------------------------------------------------------------------------------------------------ flash-attention
@@ -180,10 +137,10 @@ def test_ragged_compaction_with_flash_attention(models, device, arch, implementa
     pytest.importorskip("flash_attn" if implementation == "flash_attention_2" else "flash_attn_interface")
     model, tokenizer, gates = models(arch, torch.bfloat16, implementation)
     ragged = FastKVzipPress(0.5, gates=gates, window_size=4)
-    tokens, logits, cache = after_prefill(model, tokenizer, ragged)
+    tokens, logits, cache = teacher_forced_after_prefill(model, tokenizer, ragged)
     masked = FastKVzipPress(0.5, gates=gates, window_size=4, compaction="masked")
-    _, masked_logits, _ = after_prefill(model, tokenizer, masked, forced=tokens)
-    assert_same_run(torch.bfloat16, tokens, logits, masked_logits)
+    _, masked_logits, _ = teacher_forced_after_prefill(model, tokenizer, masked, forced=tokens)
+    assert_same_run(tolerance(torch.bfloat16, masked_logits), tokens, logits, masked_logits)
     assert ragged_layer_ids(cache) == list(ragged.gate_bank.layer_ids)
     ids = tokenizer(CONTEXT, return_tensors="pt").input_ids.to(device)
     with torch.no_grad(), FastKVzipPress(0.5, gates=gates, window_size=4)(model):
@@ -203,10 +160,10 @@ def test_decoding_press_ragged_equals_masked(models, device, arch, dtype):
         press = FastKVzipDecodingPress(
             gates=gates, compression_interval=16, target_size=40, window_size=8, compaction=compaction
         )
-        runs[compaction] = while_decoding(model, tokenizer, press, forced=forced)
+        runs[compaction] = teacher_forced_decoding(model, tokenizer, press, forced=forced, steps=60)
         forced = runs[compaction][0]
         assert press.last_stats.compressions > 3
-    assert_same_run(dtype, runs["ragged"][0], runs["ragged"][1], runs["masked"][1])
+    assert_same_run(tolerance(dtype, runs["masked"][1]), runs["ragged"][0], runs["ragged"][1], runs["masked"][1])
     assert_stored_on(device, dtype, runs["ragged"][2], gates.layer_ids)
     assert stored_pairs_per_head(runs["ragged"][2], gates.layer_ids) <= 40 + 16
 
@@ -224,21 +181,8 @@ BATCH_PRESSES = {
 }
 
 
-def generate(model, tokenizer, press, prompts, steps: int = 20, **kwargs):
-    """Left-padded greedy generation under ``press``: (new tokens [B, steps], logits [B, steps, V], cache)."""
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    with torch.no_grad(), press(model):
-        out = model.generate(
-            **batch,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
-    return out.sequences[:, batch.input_ids.shape[1] :], torch.stack(out.logits, dim=1).float(), out.past_key_values
+# Left-padded greedy generation under a press: (new tokens, fp32 logits, cache).
+generate = partial(generate_left_padded, steps=20)
 
 
 @pytest.mark.parametrize("mode", list(BATCH_PRESSES))

@@ -1,9 +1,11 @@
 """Batches through model.generate: a left-padded batch gives every prompt what it gets alone, beams equal the masked
 reference, and the batch stores what its sequences store alone."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import CONTEXT
+from helpers import CONTEXT, generate_left_padded
 
 from fastkvzip_press import FastKVzipDecodingPress, FastKVzipPress, FastKVzipScorerPress, RaggedLayer, kv_cache_bytes
 
@@ -27,21 +29,8 @@ PRESSES = {
 }
 
 
-def generate(model, tokenizer, press, prompts, **kwargs):
-    """Left-padded greedy generation under ``press``: (new tokens [B, STEPS], logits [B, STEPS, V], cache)."""
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad(), press(model):
-        out = model.generate(
-            **batch,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
-    return out.sequences[:, batch.input_ids.shape[1] :], torch.stack(out.logits, dim=1), out.past_key_values
+# Left-padded greedy generation under a press: (new tokens, fp32 logits, cache).
+generate = partial(generate_left_padded, steps=STEPS)
 
 
 @pytest.mark.parametrize("mode", list(PRESSES))

@@ -18,7 +18,14 @@ head more or less moves them by only 0.002-0.05.
 
 import pytest
 import torch
-from helpers import CONTEXT, QUESTIONS, stored_pairs_per_head
+from helpers import (
+    CONTEXT,
+    QUESTIONS,
+    assert_same_run,
+    stored_pairs_per_head,
+    teacher_forced_after_prefill,
+    teacher_forced_decoding,
+)
 from kvpress import AdaKVPress
 from transformers import DynamicCache
 
@@ -59,61 +66,6 @@ def tolerance(dtype: torch.dtype, logits: torch.Tensor) -> float:
     return EPSILONS * torch.finfo(dtype).eps * float(logits.abs().max())
 
 
-def after_prefill(model, tokenizer, press, forced: list[int] | None = None, steps: int = STEPS):
-    """Prefill ``CONTEXT`` under ``press``, then decode after a question: greedily, or feeding ``forced`` tokens.
-
-    Returns (tokens, logits ``[steps, V]`` in fp32, cache).
-    """
-    ids = tokenizer(CONTEXT, return_tensors="pt").input_ids
-    step_ids = tokenizer(QUESTIONS[0], return_tensors="pt").input_ids
-    cache = DynamicCache()
-    tokens, logits = [], []
-    with torch.no_grad():
-        with press(model):
-            model.model(input_ids=ids, past_key_values=cache)
-        position = ids.shape[1]
-        for step in range(steps):
-            positions = torch.arange(position, position + step_ids.shape[1])[None]
-            step_logits = model(step_ids, past_key_values=cache, position_ids=positions).logits[:, -1].float()
-            position += step_ids.shape[1]
-            tokens.append(int(step_logits.argmax()) if forced is None else forced[step])
-            logits.append(step_logits)
-            step_ids = torch.tensor([[tokens[-1]]])
-    return tokens, torch.cat(logits), cache
-
-
-def while_decoding(model, tokenizer, press, forced: list[int] | None = None, steps: int = 40):
-    """Prefill ``CONTEXT`` and decode ``steps`` tokens with ``press`` active throughout (greedy or ``forced``).
-
-    Returns (tokens, logits ``[steps, V]`` in fp32, cache, ``{layer_id: masked_key_indices}`` as the press leaves them
-    on the attention modules before it exits; kvpress's ``(batch, head, position)`` index tensors, or None).
-    """
-    ids = tokenizer(CONTEXT, return_tensors="pt").input_ids
-    cache = DynamicCache()
-    tokens, logits = [], []
-    with torch.no_grad(), press(model):
-        out = model(ids, past_key_values=cache)
-        for step in range(steps):
-            step_logits = out.logits[:, -1].float()
-            tokens.append(int(step_logits.argmax()) if forced is None else forced[step])
-            logits.append(step_logits)
-            out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache)
-        masked = {i: getattr(layer.self_attn, "masked_key_indices", None) for i, layer in enumerate(model.model.layers)}
-    return tokens, torch.cat(logits), cache, masked
-
-
-def assert_same_run(dtype, ragged_tokens, ragged_logits, reference_logits):
-    """Logits within the tolerance at every step, and greedy tokens equal until the first near-tie: fed the same
-    prefix, the reference picks the ragged run's token unless the top-2 gap is within the tolerance."""
-    tol = tolerance(dtype, reference_logits)
-    diff = float((ragged_logits - reference_logits).abs().max())
-    assert diff <= tol, f"max |logit difference| {diff:.5f} exceeds the tolerance {tol:.5f}"
-    for step, (pick, token) in enumerate(zip(reference_logits.argmax(-1).tolist(), ragged_tokens)):
-        if pick != token:
-            top2 = ragged_logits[step].topk(2).values
-            assert float(top2[0] - top2[1]) <= tol, f"step {step}: greedy picks differ without a near-tie"
-
-
 def assert_same_pairs(model, ragged_cache, masked_cache, layer_ids, n_context: int) -> None:
     """The ragged cache stores, bit for bit and in order, the context pairs the masked run still attends (those
     outside kvpress's ``masked_key_indices``), before what decoding appended."""
@@ -145,10 +97,10 @@ def assert_stored_in(dtype, cache, layer_ids):
 def test_one_pass_ragged_equals_masked(half_models, arch, dtype, budget):
     model, tokenizer, gates = half_models(arch, dtype)
     ragged = FastKVzipPress(gates=gates, window_size=4, **budget)
-    tokens, ragged_logits, cache = after_prefill(model, tokenizer, ragged)
+    tokens, ragged_logits, cache = teacher_forced_after_prefill(model, tokenizer, ragged)
     masked = FastKVzipPress(gates=gates, window_size=4, compaction="masked", **budget)
-    _, masked_logits, masked_cache = after_prefill(model, tokenizer, masked, forced=tokens)
-    assert_same_run(dtype, tokens, ragged_logits, masked_logits)
+    _, masked_logits, masked_cache = teacher_forced_after_prefill(model, tokenizer, masked, forced=tokens)
+    assert_same_run(tolerance(dtype, masked_logits), tokens, ragged_logits, masked_logits)
     n_context = len(tokenizer(CONTEXT).input_ids)
     assert_same_pairs(model, cache, masked_cache, ragged.gate_bank.layer_ids, n_context)
     assert 0 < ragged.last_stats.compression_ratio < 1
@@ -192,9 +144,11 @@ def test_chunked_prefill_without_eviction_equals_the_full_cache(half_models, arc
     full cache's logits (positions, masks and ragged attention across chunks, in half precision)."""
     model, tokenizer, gates = half_models(arch, dtype)
     press = FastKVzipPress(gates=gates, threshold=0.0, window_size=4, chunk_size=37)
-    tokens, logits, cache = after_prefill(model, tokenizer, press, steps=4)
-    _, full_logits, _ = after_prefill(model, tokenizer, FastKVzipPress(gates=gates), forced=tokens, steps=4)
-    assert_same_run(dtype, tokens, logits, full_logits)
+    tokens, logits, cache = teacher_forced_after_prefill(model, tokenizer, press, steps=4)
+    _, full_logits, _ = teacher_forced_after_prefill(
+        model, tokenizer, FastKVzipPress(gates=gates), forced=tokens, steps=4
+    )
+    assert_same_run(tolerance(dtype, full_logits), tokens, logits, full_logits)
     assert_stored_in(dtype, cache, gates.layer_ids)
 
 
@@ -202,7 +156,7 @@ def test_chunked_prefill_without_eviction_equals_the_full_cache(half_models, arc
 def test_chunked_prefill_meets_the_budget(half_models, dtype):
     model, tokenizer, gates = half_models("qwen3", dtype)
     press = FastKVzipPress(0.5, gates=gates, window_size=4, chunk_size=40)
-    _, logits, cache = after_prefill(model, tokenizer, press, steps=2)
+    _, logits, cache = teacher_forced_after_prefill(model, tokenizer, press, steps=2)
     assert abs(press.last_stats.compression_ratio - 0.5) < 0.02
     assert torch.isfinite(logits).all()
     assert_stored_in(dtype, cache, gates.layer_ids)
@@ -221,11 +175,11 @@ def test_decoding_press_ragged_equals_masked(half_models, arch, dtype):
         press = FastKVzipDecodingPress(
             gates=gates, compression_interval=8, target_size=40, window_size=8, compaction=compaction
         )
-        runs[compaction] = while_decoding(model, tokenizer, press, forced=forced)
+        runs[compaction] = teacher_forced_decoding(model, tokenizer, press, forced=forced, steps=40)
         assert compaction == "ragged" or all(runs[compaction][3][i] is not None for i in gates.layer_ids)
         forced = runs[compaction][0]
         assert press.last_stats.compressions == 1 + 40 // 8  # the prompt, then every interval
-    assert_same_run(dtype, runs["ragged"][0], runs["ragged"][1], runs["masked"][1])
+    assert_same_run(tolerance(dtype, runs["masked"][1]), runs["ragged"][0], runs["ragged"][1], runs["masked"][1])
     ragged_cache, masked_cache, masked_indices = runs["ragged"][2], *runs["masked"][2:]
     for layer_id in gates.layer_ids:  # the same decisions: each head holds the positions the masked run attends
         n_tokens = masked_cache.layers[layer_id].keys.shape[2]
@@ -249,10 +203,10 @@ def test_scorer_press_equals_the_masked_reference(half_models, arch, dtype):
     its ungated sliding layers, which the scorer alone leaves intact)."""
     model, tokenizer, gates = half_models(arch, dtype)
     scorer = FastKVzipScorerPress(0.5, gates=gates)
-    tokens, logits, cache = after_prefill(model, tokenizer, scorer)
+    tokens, logits, cache = teacher_forced_after_prefill(model, tokenizer, scorer)
     masked = AdaKVPress(FastKVzipScorerPress(0.5, gates=gates), alpha_safeguard=1.0)
-    _, masked_logits, _ = after_prefill(model, tokenizer, masked, forced=tokens)
-    assert_same_run(dtype, tokens, logits, masked_logits)
+    _, masked_logits, _ = teacher_forced_after_prefill(model, tokenizer, masked, forced=tokens)
+    assert_same_run(tolerance(dtype, masked_logits), tokens, logits, masked_logits)
     n_context, n_question = (len(tokenizer(text).input_ids) for text in (CONTEXT, QUESTIONS[0]))
     for layer in cache.layers:  # half the context, then the question and the answer
         assert layer.keys.dtype == layer.values.dtype == dtype
