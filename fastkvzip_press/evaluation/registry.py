@@ -160,6 +160,13 @@ PRESS_SPECS: dict[str, PressSpec] = {
             uses_gates=True,
         ),
         PressSpec(
+            "fastkvzip_press_uniform",
+            "ours: FastKVzipPress(uniform=True), the same count in every layer and KV head (vLLM's budget), ragged",
+            _fastkvzip(uniform=True),
+            ours=True,
+            uses_gates=True,
+        ),
+        PressSpec(
             "adakv_fastkvzip_scorer",
             "ours inside kvpress: AdaKVPress(FastKVzipScorerPress), per-layer budget, masked",
             _adakv_scorer,

@@ -39,9 +39,9 @@ def span_budget(context_length: int, budget: RatioBudget, n_sink: int, window: i
             logger.warning(
                 "compression_ratio %.3f cannot be met: the %d sink tokens alone exceed the budget", budget.ratio, n_sink
             )
-        return SpanBudget(0.0, budget.layerwise), max(0, int(retained) - n_sink)
+        return SpanBudget(0.0, budget.layerwise, budget.per_head), max(0, int(retained) - n_sink)
     keep = (retained - n_sink - window) / (context_length - n_sink - window)
-    return SpanBudget(keep, budget.layerwise), window
+    return SpanBudget(keep, budget.layerwise, budget.per_head), window
 
 
 @dataclass
@@ -132,7 +132,9 @@ class ChunkPlan:
             windows.append(window)
         span = budget
         if isinstance(budget, RatioBudget):
-            span = SpanBudget(fractions[0] if len(fractions) == 1 else tuple(fractions), budget.layerwise)
+            span = SpanBudget(
+                fractions[0] if len(fractions) == 1 else tuple(fractions), budget.layerwise, budget.per_head
+            )
         plan = cls(context_length, chunk_size, windows, span, protection, budget, padding)
         plan.decided = [0] * len(lengths)
         return plan

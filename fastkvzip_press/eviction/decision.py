@@ -95,10 +95,13 @@ class Protection:
 @dataclass(frozen=True)
 class RatioBudget:
     """Evict ``int(ratio x pairs)`` of each sequence's pairs (kvpress's ``compression_ratio``, fraction removed);
-    protected pairs count toward it."""
+    protected pairs count toward it. ``layerwise``: that count in every layer; ``per_head``: in every (layer, KV
+    head), so all keep the same number of pairs, each head its own (the budget of an engine holding one length per
+    request)."""
 
     ratio: float
     layerwise: bool = False
+    per_head: bool = False
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -115,6 +118,7 @@ class SpanBudget:
 
     keep_fraction: float | tuple[float, ...]
     layerwise: bool = False
+    per_head: bool = False
 
     def __post_init__(self):
         fractions = self.keep_fraction if isinstance(self.keep_fraction, tuple) else (self.keep_fraction,)
@@ -192,6 +196,15 @@ class Decision:
         return not any(self.shortfall)
 
 
+def _groups(budget: CountBudget, n_layers: int, heads: int) -> list[tuple[slice, slice]]:
+    """The (layers, heads) each selection of a sequence covers: all of them, one layer, or one (layer, head)."""
+    if getattr(budget, "per_head", False):
+        return [(slice(layer, layer + 1), slice(head, head + 1)) for layer in range(n_layers) for head in range(heads)]
+    if budget.layerwise:
+        return [(slice(layer, layer + 1), slice(0, heads)) for layer in range(n_layers)]
+    return [(slice(0, n_layers), slice(0, heads))]
+
+
 def decide(
     scores: torch.Tensor,
     budget: Budget,
@@ -223,24 +236,24 @@ def decide(
     evicted = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     # Pairs and evictable pairs of every (layer, sequence, head), read on the host in one go.
     pairs, evictable = torch.stack([valid.sum(-1), torch.isfinite(candidates).sum(-1)]).tolist()
-    groups = [slice(layer, layer + 1) for layer in range(n_layers)] if budget.layerwise else [slice(0, n_layers)]
     rows, counts, places = [], [], []
     per_sequence = [0] * bsz
     for sequence in range(bsz):
-        for layers in groups:
-            n_pairs = sum(sum(per_head[sequence]) for per_head in pairs[layers])
-            n_evictable = sum(sum(per_head[sequence]) for per_head in evictable[layers])
-            wanted = budget.pairs_to_evict(n_pairs, n_evictable, len(pairs[layers]) * heads, sequence)
+        for layers, head_slice in _groups(budget, n_layers, heads):
+            n_pairs = sum(sum(per_head[sequence][head_slice]) for per_head in pairs[layers])
+            n_evictable = sum(sum(per_head[sequence][head_slice]) for per_head in evictable[layers])
+            slots = len(pairs[layers]) * len(range(heads)[head_slice])
+            wanted = budget.pairs_to_evict(n_pairs, n_evictable, slots, sequence)
             n_evict = max(0, min(wanted, n_evictable))
             shortfall[sequence] += wanted - n_evict
             per_sequence[sequence] += n_evict  # the selection evicts exactly that many
-            rows.append(candidates[layers, sequence].reshape(-1))
+            rows.append(candidates[layers, sequence, head_slice].reshape(-1))
             counts.append(n_evict)
-            places.append((layers, sequence))
-    # One selection for the whole batch: every (sequence[, layer]) group is a row with its own count, known here.
+            places.append((layers, sequence, head_slice))
+    # One selection for the whole batch: every (sequence[, layer[, head]]) group is a row with its own count.
     _, chosen = select_smallest_rows(torch.stack(rows), torch.tensor(counts, dtype=torch.int64))
-    for (layers, sequence), row in zip(places, chosen):
-        evicted[layers, sequence] = row.view(evicted[layers, sequence].shape)
+    for (layers, sequence, head_slice), row in zip(places, chosen):
+        evicted[layers, sequence, head_slice] = row.view(evicted[layers, sequence, head_slice].shape)
     kept = (valid & ~evicted).sum(-1)
     return Decision(evicted=evicted, kept=kept, evicted_per_sequence=per_sequence, shortfall=shortfall)
 

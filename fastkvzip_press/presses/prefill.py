@@ -73,6 +73,11 @@ class FastKVzipPress(BasePress):
         context (the paper uses 2 %), at least one token.
     layerwise : bool
         Use the same budget in every layer (selection per layer) instead of one global selection.
+    uniform : bool
+        Every gated layer and KV head of a sequence evicts ``int(compression_ratio x T)`` of its ``T`` pairs
+        (protected ones count toward it), each head choosing its own: the same number of pairs everywhere, the
+        budget a paged engine holding one length per request (vLLM) can store, and the reference for it. Ratio mode
+        only; the default is one budget over all layers x heads.
     compaction : "ragged" | "masked"
         How evicted pairs leave attention. "ragged" frees their memory (batch size 1). "masked" keeps the cache
         full size and masks evicted keys through kvpress's attention patch (the reference path; any batch size).
@@ -91,6 +96,7 @@ class FastKVzipPress(BasePress):
     layerwise: bool = False
     compaction: Literal["ragged", "masked"] = "ragged"
     chunk_size: int | None = None
+    uniform: bool = False
 
     last_stats: EvictionStats | None = field(default=None, init=False, repr=False)
     _binding: GateBinding = field(default_factory=GateBinding, init=False, repr=False)
@@ -113,6 +119,11 @@ class FastKVzipPress(BasePress):
         self.n_sink = require_int("n_sink", self.n_sink, minimum=0)
         self.window_size = require_window("window_size", self.window_size)
         require_bool("layerwise", self.layerwise)
+        require_bool("uniform", self.uniform)
+        if self.uniform and self.threshold is not None:
+            raise ValueError("uniform=True keeps a count per (layer, head); it needs compression_ratio, not threshold")
+        if self.uniform and self.layerwise:
+            raise ValueError("give layerwise=True (one count per layer) or uniform=True (one per layer and head)")
         require_choice("compaction", self.compaction, tuple(COMPACTIONS))
         if self.chunk_size is not None:
             self.chunk_size = require_int("chunk_size (a token count, or None for one pass)", self.chunk_size, 1)
@@ -183,7 +194,7 @@ class FastKVzipPress(BasePress):
     def _budget(self) -> RatioBudget | ThresholdBudget:
         if self.threshold is not None:
             return ThresholdBudget(self.threshold)
-        return RatioBudget(self.compression_ratio, self.layerwise)
+        return RatioBudget(self.compression_ratio, self.layerwise, per_head=self.uniform)
 
     # ---------------------------------------------------------------------------------------------------- hooks
 

@@ -16,6 +16,7 @@ OURS = {
     "fastkvzip_press",
     "fastkvzip_press_threshold",
     "fastkvzip_press_chunked",
+    "fastkvzip_press_uniform",
     "adakv_fastkvzip_scorer",
     "decoding_fastkvzip_press",
 }
@@ -38,10 +39,12 @@ def test_each_name_is_one_configuration_in_eval_and_in_kvpress_eval(llama, rando
         spec = PRESS_SPECS[name]
         built = spec.build(spec.default, PressResources(model, gates))
         assert type(built) is type(entry)
-        fields = ("chunk_size", "n_sink", "window_size", "layerwise", "compaction", "target_size", "threshold")
+        fields = ("chunk_size", "n_sink", "window_size", "layerwise", "uniform", "compaction", "target_size")
+        fields += ("threshold",)
         for field in fields:
             assert getattr(built, field, None) == getattr(entry, field, None), (name, field)
     assert entries["fastkvzip_press_chunked"].chunk_size == 512
+    assert entries["fastkvzip_press_uniform"].uniform
     assert entries["fastkvzip_press_threshold"].threshold is not None
     assert entries["decoding_fastkvzip_press"].target_size == 2048
 

@@ -189,3 +189,26 @@ def test_keep_largest_breaks_ties_by_index_in_every_row():
     assert torch.equal(keep_largest(row, 3), kept[0])
     assert keep_largest(row, 6).all() and not keep_largest(row, 0).any()
     assert keep_largest(torch.empty(2, 0), 0).shape == (2, 0)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_a_per_head_budget_keeps_the_same_count_in_every_layer_and_head(ratio):
+    scores = torch.rand(3, 2, 4, 60, generator=torch.Generator().manual_seed(3))
+    valid = torch.ones(1, 2, 1, 60, dtype=torch.bool)
+    valid[0, 1, 0, :10] = False  # sequence 1: 10 padding positions, 50 own tokens
+    protection = Protection(2, 5)
+    decision = decide(scores, RatioBudget(ratio, per_head=True), protection, valid)
+    kept = decision.kept  # [L, B, H]
+    assert (kept[:, 0] == 60 - int(60 * ratio)).all() and (kept[:, 1] == 50 - int(50 * ratio)).all()
+    assert decision.shortfall == [0, 0]
+    for layer in range(3):
+        for sequence in range(2):
+            for head in range(4):  # each head evicts its own smallest unprotected scores
+                row = decide(
+                    scores[layer : layer + 1, sequence : sequence + 1, head : head + 1],
+                    RatioBudget(ratio),
+                    protection,
+                    valid[:, sequence : sequence + 1],
+                )
+                assert torch.equal(row.evicted[0, 0, 0], decision.evicted[layer, sequence, head])
+    assert not torch.equal(decision.evicted[0, 0, 0], decision.evicted[0, 0, 1])  # heads choose differently

@@ -215,3 +215,34 @@ def test_gates_of_another_model_are_refused(tiny_models, random_gates):
     press = FastKVzipPress(0.5, gates=random_gates(tiny_models("gemma3")[0]))
     with pytest.raises(GateMismatchError, match="gated layers"):
         make_pipeline(llama_model, tokenizer)(CONTEXT, question="what ?", press=press)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 40])
+def test_uniform_budget_keeps_the_same_count_in_every_layer_and_head(tiny_models, random_gates, chunk_size):
+    """The budget vLLM can hold (one length per request): each (layer, KV head) keeps as many pairs, its own ones."""
+    from helpers import greedy_after_prefill
+
+    model, tokenizer = tiny_models("qwen3")
+    gates = random_gates(model)
+    runs = {}
+    for compaction in ("ragged", "masked") if chunk_size is None else ("ragged",):
+        press = FastKVzipPress(
+            0.6, gates=gates, window_size=4, uniform=True, compaction=compaction, chunk_size=chunk_size
+        )
+        runs[compaction] = greedy_after_prefill(model, tokenizer, press)
+        kept = torch.stack(list(press.last_stats.kept_per_head.values()))  # [L, B, H]
+        n_tokens = press.last_stats.context_length
+        assert len(set(kept.flatten().tolist())) == 1, kept
+        target = n_tokens - int(0.6 * n_tokens)  # chunks round their spans' budgets: a pair or so each
+        assert kept.flatten()[0] == target if chunk_size is None else abs(int(kept.flatten()[0]) - target) <= 7
+        cache = runs[compaction][2]
+        if compaction == "ragged":
+            lengths = {length for layer_id in gates.layer_ids for length in cache.layers[layer_id].head_lengths}
+            assert len(lengths) == 1  # with the question and answer appended alike
+    if chunk_size is None:
+        assert runs["ragged"][0] == runs["masked"][0]
+        torch.testing.assert_close(runs["ragged"][1], runs["masked"][1], atol=1e-4, rtol=1e-4)
+    global_press = FastKVzipPress(0.6, gates=gates, window_size=4)
+    greedy_after_prefill(model, tokenizer, global_press)
+    global_kept = torch.stack(list(global_press.last_stats.kept_per_head.values()))
+    assert len(set(global_kept.flatten().tolist())) > 1  # one global budget spreads unevenly
