@@ -489,10 +489,17 @@ class RaggedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.logical_length
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.logical_length + cache_position.shape[0], 0
+    def get_mask_sizes(self, cache_position: torch.Tensor | int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for the mask of the next queries: transformers < 5.3 passes their cache
+        positions, later releases their number."""
+        query_length = cache_position if isinstance(cache_position, int) else cache_position.shape[0]
+        return self.logical_length + query_length, 0
 
     def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_max_length(self) -> int:
+        """No maximum (transformers >= 5.19 names :meth:`get_max_cache_shape` so)."""
         return -1
 
     def crop(self, max_length: int) -> None:

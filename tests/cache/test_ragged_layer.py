@@ -231,3 +231,12 @@ def test_appended_rows_read_the_column_fill_in_every_state_of_the_layer():
     append_and_check(3)
     layer.batch_repeat_interleave(2)
     append_and_check(2)
+
+
+def test_the_cache_layer_contract_of_either_transformers_version():
+    """transformers < 5.3 asks for mask sizes with the queries' cache positions and for ``get_max_cache_shape``;
+    5.19 (vLLM's) with their number and for ``get_max_length``, which it declares abstract."""
+    keys, values, keep = dense_kv()
+    layer = RaggedLayer.from_dense(keys, values, keep)
+    assert layer.get_mask_sizes(torch.arange(TOKENS, TOKENS + 3)) == layer.get_mask_sizes(3) == (TOKENS + 3, 0)
+    assert layer.get_max_cache_shape() == layer.get_max_length() == -1
