@@ -31,7 +31,7 @@ from fastkvzip_press.checks import require_int, require_real
 from fastkvzip_press.gates.atomic import atomic_write
 from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank, SinkGate
 from fastkvzip_press.gates.layout import ModelLayout
-from fastkvzip_press.training.features import LayerSource
+from fastkvzip_press.training.features import LayerFeatures, LayerSource
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def fit_gates(
         state = _load_checkpoint(checkpoint, bank, config) or state
     bank.to(device)
 
-    n_layers, threshold = len(bank.layer_ids), config.metric_threshold
+    n_layers = len(bank.layer_ids)
     bar = tqdm(
         desc="fit",
         initial=state.layer * config.steps + state.step,
@@ -212,45 +212,12 @@ def fit_gates(
         disable=not progress,
     )
     for index in range(state.layer, n_layers):
-        layer_id = bank.layer_ids[index]
         read_start = time.perf_counter()
         features = train.layer(index).to(device)
         val_features = val.layer(index, EVAL_TOKENS).to(device)
         read_seconds += time.perf_counter() - read_start
-        gate = bank.gate(layer_id)
-        optimizer = torch.optim.SGD(gate.parameters(), lr=config.lr, momentum=config.momentum)
-        first_step = state.step if index == state.layer else 0
-        if first_step:
-            optimizer.load_state_dict(state.optimizer)
-        else:
-            for values in state.curves.values():
-                values.append([])
-        for step in range(first_step, config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, config)
-            idx = batch_positions(step, train.num_tokens, config).to(device)
-            loss, _ = gate_loss(gate, features.hidden[idx], features.scores[:, idx], threshold)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done = step + 1
-            if done % config.eval_every == 0 or done == config.steps:
-                with torch.no_grad():
-                    val_loss, val_acc = gate_loss(gate, val_features.hidden, val_features.scores, threshold)
-                state.curves["train_loss"][index].append(loss.item())
-                state.curves["val_loss"][index].append(val_loss.item())
-                state.curves["val_accuracy"][index].append(val_acc.item())
-                bar.set_postfix(layer=layer_id, loss=f"{loss.item():.3f}", val=f"{val_loss.item():.3f}")
-            bar.update(1)
-            if done == config.steps:
-                state.final.append((val_loss.item(), val_acc.item()))
-                state.layer, state.step, state.optimizer = index + 1, 0, None
-                if index + 1 < n_layers:  # a finished layer is never fitted again
-                    _save_checkpoint(checkpoint, bank, state, config)
-            elif done % config.checkpoint_every == 0:
-                state.layer, state.step, state.optimizer = index, done, optimizer.state_dict()
-                _save_checkpoint(checkpoint, bank, state, config)
-        del features, val_features, optimizer  # before the next layer is read: one layer's features at a time
+        _fit_layer(bank, index, features, val_features, train.num_tokens, state, config, checkpoint, bar)
+        del features, val_features  # before the next layer is read: one layer's features at a time
     bar.close()
     bank.to("cpu")
     eval_steps = [s for s in range(1, config.steps + 1) if s % config.eval_every == 0 or s == config.steps]
@@ -264,6 +231,56 @@ def fit_gates(
         device=str(device),
     )
     return bank, report
+
+
+def _fit_layer(
+    bank: GateBank,
+    index: int,
+    features: LayerFeatures,
+    val_features: LayerFeatures,
+    n_tokens: int,
+    state: _Progress,
+    config: FitConfig,
+    checkpoint: Path,
+    bar: tqdm,
+) -> None:
+    """Fit the ``index``-th gated layer's gate on its ``features`` (resuming at ``state.step`` when ``state.layer``
+    is this layer), recording its curves and final validation figures in ``state`` and checkpointing as it goes."""
+    layer_id, threshold = bank.layer_ids[index], config.metric_threshold
+    gate = bank.gate(layer_id)
+    device = features.hidden.device
+    optimizer = torch.optim.SGD(gate.parameters(), lr=config.lr, momentum=config.momentum)
+    first_step = state.step if index == state.layer else 0
+    if first_step:
+        optimizer.load_state_dict(state.optimizer)
+    else:
+        for values in state.curves.values():
+            values.append([])
+    for step in range(first_step, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config)
+        idx = batch_positions(step, n_tokens, config).to(device)
+        loss, _ = gate_loss(gate, features.hidden[idx], features.scores[:, idx], threshold)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            with torch.no_grad():
+                val_loss, val_acc = gate_loss(gate, val_features.hidden, val_features.scores, threshold)
+            state.curves["train_loss"][index].append(loss.item())
+            state.curves["val_loss"][index].append(val_loss.item())
+            state.curves["val_accuracy"][index].append(val_acc.item())
+            bar.set_postfix(layer=layer_id, loss=f"{loss.item():.3f}", val=f"{val_loss.item():.3f}")
+        bar.update(1)
+        if done == config.steps:
+            state.final.append((val_loss.item(), val_acc.item()))
+            state.layer, state.step, state.optimizer = index + 1, 0, None
+            if index + 1 < len(bank.layer_ids):  # a finished layer is never fitted again
+                _save_checkpoint(checkpoint, bank, state, config)
+        elif done % config.checkpoint_every == 0:
+            state.layer, state.step, state.optimizer = index, done, optimizer.state_dict()
+            _save_checkpoint(checkpoint, bank, state, config)
 
 
 def _combined_history(steps: list[int], curves: dict[str, list[list[float]]]) -> FitHistory:

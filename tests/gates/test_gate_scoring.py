@@ -36,15 +36,18 @@ def test_a_long_prefill_is_upcast_in_bounded_chunks(monkeypatch, bsz):
     scores = bank.score(0, x)
     assert rows and max(rows) <= gate_module.SCORE_CHUNK_TOKENS
     assert sum(rows) == x.shape[0] * x.shape[1]
-    assert torch.equal(scores, whole)
+    # Each token is scored on its own; a matmul may round a row differently with the number of rows in the call
+    # (x86 CPU kernels do below about 12 rows), so chunks agree with one call to fp32 rounding, not bit for bit.
+    torch.testing.assert_close(scores, whole, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("gate_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bsz", [1, 3])
 @pytest.mark.parametrize("chunk_tokens", [64, 150, 300])
-def test_chunked_scores_equal_one_call_bit_for_bit(monkeypatch, gate_dtype, bsz, chunk_tokens):
-    """The gate scores every token on its own; chunks of equal size keep every matmul above the few rows where CPU
-    kernels round differently, so the chunks give the scores of one call exactly (eviction breaks exact ties)."""
+def test_chunked_scores_equal_one_call(monkeypatch, gate_dtype, bsz, chunk_tokens):
+    """The gate scores every token on its own, so chunks give the scores of one call: to fp32 rounding, since how a
+    matmul rounds a row may depend on how many rows the call holds and on the CPU (equal-size chunks keep every call
+    above the few rows where x86 kernels differ, so here they agree bit for bit)."""
     bank = GateBank.random(LAYOUT, dtype=gate_dtype, seed=3)
     x = (torch.randn(bsz, 301, LAYOUT.hidden_size) * 3).bfloat16()
     whole = bank.gate(1)(x)
@@ -52,7 +55,7 @@ def test_chunked_scores_equal_one_call_bit_for_bit(monkeypatch, gate_dtype, bsz,
     rows = rows_of_fp32_linear_inputs(monkeypatch)
     scores = bank.score(1, x)
     assert scores.shape == whole.shape and scores.dtype == torch.float32
-    assert torch.equal(scores, whole)
+    torch.testing.assert_close(scores, whole, rtol=1e-6, atol=1e-7)
     if gate_dtype == torch.float32:
         assert len(rows) > 1 and max(rows) <= chunk_tokens  # it did score in chunks
 
