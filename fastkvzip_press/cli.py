@@ -113,7 +113,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     context_path = Path(args.context_file)
     if not context_path.is_file():
-        print(f"error: context file {context_path} does not exist", file=sys.stderr)
+        what = "is a folder, not a text file" if context_path.is_dir() else "does not exist"
+        print(f"error: context file {context_path} {what}", file=sys.stderr)
         return 2
     try:
         context = context_path.read_text(encoding="utf-8")
@@ -220,12 +221,16 @@ def _train(args: argparse.Namespace) -> int:
     fit = FitConfig(steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens, seed=args.seed)
     config = TrainConfig(
         corpus=args.corpus,
+        text_column=args.text_column,
         context_len=args.context_len,
         max_tokens=args.max_tokens,
         val_fraction=args.val_fraction,
         fit=fit,
     )
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file; give a folder for the run's features, gates and report", file=sys.stderr)
+        return 2
     if not args.resume and (out / "features").exists() and any((out / "features").iterdir()):
         print(
             f"error: {out} already holds features; pass --resume to continue that run or pick a new --out",
@@ -380,9 +385,13 @@ def _kvpress_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkvzip-press", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results, no progress or logs")
-    # -q also after the subcommand; SUPPRESS keeps a subcommand from resetting what was given before it.
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show other libraries' progress bars and logs"
+    )
+    # -q / -v also after the subcommand; SUPPRESS keeps a subcommand from resetting what was given before it.
     quiet = argparse.ArgumentParser(add_help=False)
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    quiet.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     other_model = argparse.ArgumentParser(add_help=False)
     other_model.add_argument(
         "--allow-other-model",
@@ -424,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
     tr.add_argument("--corpus", default="builtin", help="text file or folder, .parquet, hf:<dataset>, or 'builtin'")
+    tr.add_argument("--text-column", default="text", help="column holding the text in .parquet files and hf: datasets")
     tr.add_argument("--out", required=True, help="output folder (features, checkpoint, gates, report, curves)")
     tr.add_argument("--max-tokens", type=_integer(256), default=200_000, help="context tokens to extract")
     tr.add_argument("--context-len", type=_integer(256), default=2048, help="tokens per training context")
@@ -561,17 +571,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_other_libraries() -> None:
+    """Other libraries' progress bars and info logs off (transformers' weight loading writes hundreds of updates to a
+    file or pipe); this package's own progress bars and logs stay unless -q."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    disable_progress_bars()
+    for name in ("datasets", "huggingface_hub", "accelerate", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = " ".join(["fastkvzip-press", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    if args.quiet or not args.verbose:
+        quiet_other_libraries()
     try:
         return args.run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, OSError) as error:  # OSError: files, folders, the network
         print(f"error: {error}", file=sys.stderr)
         return 2
 

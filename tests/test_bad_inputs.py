@@ -197,6 +197,8 @@ def test_command_errors_before_loading_a_model(tmp_path, capsys):
     undecodable.write_bytes("caf\xe9 ".encode("latin-1") * 10)
     cases = [
         (["generate", "--context-file", str(undecodable), "--question", "q"], ["latin1.txt", "not UTF-8"]),
+        (["generate", "--context-file", str(tmp_path), "--question", "q"], ["is a folder, not a text file"]),
+        (["train", "--out", str(undecodable)], [f"--out {undecodable} is a file"]),
         (["eval", "--presses", "nope", "--out", str(tmp_path)], ["unknown press 'nope'"]),
         (["eval", "--presses", "fastkvzip_press_threshold", "--out", str(tmp_path)], ["--thresholds"]),
         (["eval", "--presses", "decoding_fastkvzip_press", "--out", str(tmp_path)], ["kvpress-eval"]),

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_kernel_benchmark_times_every_kernel(tmp_path):
-    command = [sys.executable, "benchmarks/kernels.py", "--shapes", "small", "--contexts", "256", "--repeats", "2"]
+    command = [sys.executable, "benchmarks/kernel_timings.py", "--shapes", "small", "--contexts", "256"]
+    command += ["--repeats", "2"]
     subprocess.run([*command, "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True)
     with open(tmp_path / "kernels.csv") as handle:
         rows = list(csv.DictReader(handle))

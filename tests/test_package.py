@@ -69,6 +69,18 @@ def test_no_import_cycle_between_modules():
             visit(name, [])
 
 
+def test_the_vllm_integration_builds_on_the_core_alone():
+    """It runs where kvpress cannot be installed (vLLM needs transformers >= 5.16, kvpress pins < 5.3)."""
+    for name, path in MODULES.items():
+        if name.startswith("fastkvzip_press.vllm"):
+            for imported in imports_of(path):
+                top = imported.split(".")
+                assert top[0] != "kvpress", f"{name} imports {imported}"
+                assert not (
+                    top[0] == "fastkvzip_press" and top[1:2] and top[1] in ("presses", "training", "evaluation", "cli")
+                ), f"{name} imports {imported}"
+
+
 def test_importing_the_core_loads_no_kvpress():
     code = (
         "import sys; import fastkvzip_press.gates, fastkvzip_press.eviction, fastkvzip_press.cache, "
@@ -94,6 +106,7 @@ def test_one_decision_function_and_one_writer_of_cache_layers_and_masked_indices
         "fastkvzip_press.eviction.chunk_plan",  # a chunk span
         "fastkvzip_press.presses.prefill",  # one-pass prefill
         "fastkvzip_press.presses.decoding",  # decoding
+        "fastkvzip_press.vllm.selection",  # a request's prompt inside vLLM
     }
     layer_writers, mask_writers = set(), set()
     for name, path in MODULES.items():
@@ -113,3 +126,9 @@ def test_public_names_import_lazily_and_all_of_them_resolve():
     for name in fastkvzip_press.__all__:
         assert getattr(fastkvzip_press, name) is not None
     assert set(fastkvzip_press.__all__) <= set(dir(fastkvzip_press))
+
+
+def test_the_package_reports_the_version_it_was_installed_as():
+    from importlib.metadata import version
+
+    assert fastkvzip_press.__version__ == version("fastkvzip-press")

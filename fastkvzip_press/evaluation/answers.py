@@ -27,6 +27,17 @@ def group_by_context(rows: list[dict]) -> Iterator[list[dict]]:
         yield group
 
 
+def achieved_ratio(press) -> float:
+    """The ratio a press reached on the last context: a threshold press's from its stats, else its setting (0
+    without a press)."""
+    if press is None:
+        return 0.0
+    stats = getattr(press, "last_stats", None)
+    if getattr(press, "threshold", None) is not None and stats is not None:
+        return float(stats.compression_ratio)
+    return float(getattr(press, "compression_ratio", 0.0))
+
+
 def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = True, desc: str = "") -> list[dict]:
     """Answer every row; returns one record per row with ``prediction``, ``score``, ``kv_fraction`` and
     ``compression_ratio``.
@@ -66,7 +77,7 @@ def answer_rows(pipe: Pipeline, rows: list[dict], press=None, progress: bool = T
         n_tokens = pipe.preprocess(group[0]["context"], [], "", 10**9)["context_ids"].shape[1]
         full = full_cache_bytes(pipe.model, n_tokens)
         kv_fraction = kv_cache_bytes(cache) / full if full else 1.0
-        ratio = float(getattr(press, "compression_ratio", 0.0)) if press is not None else 0.0
+        ratio = achieved_ratio(press)
         for row, prediction in zip(group, output["answers"]):
             answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
             score = string_match(prediction, answers)

@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -113,6 +114,7 @@ def _harness_module(name: str) -> bool:
 
 def _patch_threshold(evaluate) -> None:
     """Give ``--threshold`` to our threshold press too (kvpress only sets it on ``DMSPress``)."""
+    from fastkvzip_press.evaluation.kvpress_presses import AchievedRatioPress
     from fastkvzip_press.presses import FastKVzipPress
 
     runner = evaluate.EvaluationRunner
@@ -126,9 +128,11 @@ def _patch_threshold(evaluate) -> None:
         if isinstance(press, FastKVzipPress) and press.threshold is not None:
             if self.config.threshold is None:
                 raise ValueError(f"{self.config.press_name} evicts by gate score: pass --threshold (e.g. 0.005)")
-            press.threshold = self.config.threshold
-            press.compression_ratio = 0.0
+            settings = {f.name: getattr(press, f.name) for f in fields(press) if f.init}
+            press = replace(press, threshold=self.config.threshold, compression_ratio=0.0)
             self.config.press_init_command = str(press)
+            settings.update(threshold=self.config.threshold, compression_ratio=0.0)
+            self.press = AchievedRatioPress(**settings)
 
     runner._setup_press = setup_press
     runner._fastkvzip_press_patched = True

@@ -1,5 +1,6 @@
 """kvpress's presses as the comparisons build them: its FastKVzipPress given our gates, and KVzip reading a local
-tokenizer (kvpress loads it from ``name_or_path``, a hub id for the default model)."""
+tokenizer (kvpress loads it from ``name_or_path``, a hub id for the default model); our threshold press as kvpress's
+harness records it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from kvpress.presses.fastkvzip_press import FastKVzipGate
 from transformers import PreTrainedModel
 
 from fastkvzip_press.gates import GateBank, ModelLayout
+from fastkvzip_press.presses import FastKVzipPress
 
 
 def kvpress_fastkvzip_with_gates(bank: GateBank, model: PreTrainedModel, compression_ratio: float):
@@ -55,3 +57,15 @@ class LocalTokenizerKVzipPress(KVzipPress):
                 yield
         finally:
             model.config.name_or_path = name
+
+
+@dataclass
+class AchievedRatioPress(FastKVzipPress):
+    """FastKVzipPress(threshold=...) for kvpress's harness, which records ``press.compression_ratio`` after each
+    context as the ratio reached (kvpress's own threshold presses report it that way); elsewhere the fields stay as
+    set and the achieved ratio is ``last_stats.compression_ratio``."""
+
+    def _record_stats(self, *args, **kwargs) -> None:
+        super()._record_stats(*args, **kwargs)
+        if self.threshold is not None:
+            self.compression_ratio = self.last_stats.compression_ratio

@@ -94,10 +94,10 @@ def dataset_fingerprint(rows: list[dict]) -> str:
 
 # What makes a finished run the same run: what it was asked (rows), of which model, with which press and gates.
 IDENTITY_FIELDS = {
-    "dataset_fingerprint": "generated dataset (--samples, --seed, --tasks, --max-new-tokens)",
-    "model": "model",
-    "press_init_command": "press configuration",
-    "gates_digest": "gates (--gates)",
+    "dataset_fingerprint": "a different generated dataset (--samples, --seed, --tasks, --max-new-tokens)",
+    "model": "another model",
+    "press_init_command": "another press configuration",
+    "gates_digest": "other gates (--gates)",
 }
 
 
@@ -112,7 +112,7 @@ def check_same_run(folder: Path, expected: dict[str, str | None]) -> None:
         have, want = stored.get(key), expected.get(key)
         if key in expected and have is not None and have != want:
             raise ValueError(
-                f"{folder} holds a finished run made with another {meaning}: {key} is {have!r} there, {want!r} now. "
+                f"{folder} holds a finished run made with {meaning}: {key} is {have!r} there, {want!r} now. "
                 "Use another --out, or delete that folder to redo the run."
             )
 

@@ -285,6 +285,11 @@ def make_ruler_samples(
         build = make_builder(context_length)
         max_new_tokens = MAX_NEW_TOKENS[task.split("_")[0]]
         budget = context_length - max_new_tokens
+        if budget <= 0:
+            raise ValueError(
+                f"context length {context_length} leaves no room for {task}'s input: its answer alone takes "
+                f"{max_new_tokens} tokens. Use a context length (--data-dir) above {max_new_tokens}, e.g. 1024"
+            )
         for index in range(n_samples):
             sample = _fit(build, smallest, f"{seed}|{task}|{index}|{context_length}", budget, tokenizer)
             rows.append(

@@ -110,6 +110,12 @@ class RatioBudget:
     def pairs_to_evict(self, pairs: int, evictable: int, heads: int, sequence: int) -> int:
         return int(pairs * self.ratio)
 
+    def kept_per_head(self, length: int, protection: Protection) -> int:
+        """Pairs every (layer, head) of a ``length``-token sequence keeps under ``per_head``, without running
+        :func:`decide`: what an engine must reserve before the scores exist (protected pairs are never evicted)."""
+        protected = min(length, protection.n_sink + protection.window_pairs(length))
+        return length - min(int(length * self.ratio), length - protected)
+
 
 @dataclass(frozen=True)
 class SpanBudget:

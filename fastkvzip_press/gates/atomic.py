@@ -21,13 +21,22 @@ _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.tmp$")
 _OLD_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # before writer ids
 
 
+def new_file_mode() -> int:
+    """The permissions the process's umask gives a new file (``mkstemp`` makes its files 0600 whatever the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temporary file in the same folder, then rename, so readers never see a partial file."""
+    """Write through a temporary file in the same folder, then rename, so readers never see a partial file. The file
+    gets the permissions of any new file (the umask's), not the temporary file's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -341,8 +341,8 @@ class GateBank(nn.Module):
             raise GateMismatchError(
                 f"these gates were trained for model {ours!r}, not {theirs!r} (same shapes, so they would load). "
                 f"Train gates for {theirs!r} with `fastkvzip-press train`, or, if it is a fine-tune of {ours!r} and "
-                "you mean to reuse them, pass allow_other_model=True to load_gates (--allow-other-model on the "
-                "command line)."
+                "you mean to reuse them, pass --allow-other-model on the command line (allow_other_model=True to "
+                "load_gates in Python)."
             )
         logger.warning("gates trained for %r are used on model %r", ours, theirs)
         self.metadata.accepted_models = (*self.metadata.accepted_models, theirs)

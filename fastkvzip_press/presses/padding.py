@@ -30,5 +30,16 @@ def _read_padding(attention_mask: torch.Tensor, n_keys: int) -> torch.Tensor | N
         visible = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     else:
         raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}")
-    padding = ~visible[:, -n_keys:]
-    return padding if bool(padding.any()) else None
+    visible = visible[:, -n_keys:]
+    padding = ~visible
+    # A hole: a masked key with attended keys on both sides. Eviction counts each sequence's own tokens in order, so
+    # it supports padding before (or after) a sequence, not gaps inside it.
+    holes = padding & (visible.cumsum(-1) > 0) & (visible.flip(-1).cumsum(-1).flip(-1) > 0)
+    has_padding, has_holes = torch.stack([padding.any(), holes.any()]).tolist()  # one host read
+    if has_holes:
+        rows = holes.any(-1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"the attention mask masks tokens inside sequence(s) {rows} of the batch (a gap between attended tokens); "
+            "the presses support padding before or after a sequence only: pass each sequence's tokens without gaps"
+        )
+    return padding if has_padding else None

@@ -60,7 +60,8 @@ class FastKVzipPress(BasePress):
     ----------
     compression_ratio : float
         Fraction of KV pairs removed over all gated layers (kvpress convention), in [0, 1). Protected pairs count
-        toward the budget. Ignored when ``threshold`` is set; then it is overwritten with the achieved ratio.
+        toward the budget. Leave it 0 when ``threshold`` is set; the ratio a run achieved is
+        ``last_stats.compression_ratio``.
     gates : str | Path | GateBank | None
         Gate source (see :func:`~fastkvzip_press.load_gates`). ``None``: the gates shipped in this package for the
         model (the default model has some), else the released gates fetched from the hub.
@@ -201,7 +202,12 @@ class FastKVzipPress(BasePress):
     def forward_hook(self, module: nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]
         chunked = self._plan is not None
-        if not self._evicting() or not (chunked or is_prefilling(kwargs["cache_position"], hidden_states.shape[1])):
+        if not (chunked or is_prefilling(kwargs["cache_position"], hidden_states.shape[1])):
+            return output
+        if not self._evicting():
+            bank = self._binding.bank
+            if bank is not None and self._attention and module.layer_idx == bank.layer_ids[-1]:
+                self._record_nothing_evicted(kwargs["past_key_values"], kwargs.get("attention_mask"), hidden_states)
             return output
         bank = self._binding.require(type(self).__name__)
         if not bank.has_layer(module.layer_idx):
@@ -252,6 +258,15 @@ class FastKVzipPress(BasePress):
         self._record_stats(cache, n_tokens, dict(zip(layer_ids, decision.kept)), lengths)
         logger.debug("evicted %d of %d gated KV pairs", sum(decision.evicted_per_sequence), decision.evicted.numel())
 
+    def _record_nothing_evicted(self, cache: Cache, attention_mask: torch.Tensor | None, hidden_states) -> None:
+        """Stats of a prefill at ratio 0: every pair of every sequence kept."""
+        bsz, n_tokens = hidden_states.shape[:2]
+        padding = key_padding(attention_mask, n_tokens)
+        lengths = [n_tokens] * bsz if padding is None else (n_tokens - padding.sum(-1)).tolist()
+        heads = self._binding.bank.num_kv_heads
+        kept = torch.tensor(lengths).view(bsz, 1).expand(bsz, heads)
+        self._record_stats(cache, n_tokens, dict.fromkeys(self._attention, kept), lengths)
+
     # ----------------------------------------------------------------------------------------- chunked prefill
 
     def _start_plan(self, context_length: int, padding: torch.Tensor | None) -> ChunkPlan:
@@ -284,7 +299,8 @@ class FastKVzipPress(BasePress):
         self, cache: Cache, context_length: int, kept_per_head: dict[int, torch.Tensor], lengths: list[int]
     ) -> None:
         """Store what the prefill kept (``kept_per_head``: ``{layer_id: [B, H]}``, sequences of ``lengths`` own
-        tokens) and which attention its ragged layers get; threshold mode learns its ratio."""
+        tokens) and which attention its ragged layers get; a threshold run's achieved ratio is
+        ``last_stats.compression_ratio`` (the fields stay as the user set them)."""
         heads = next(iter(kept_per_head.values())).shape[1]
         self.last_stats = EvictionStats(
             context_length=context_length,
@@ -294,5 +310,3 @@ class FastKVzipPress(BasePress):
             sequence_lengths=lengths if any(length != context_length for length in lengths) else None,
             attention_path=cache_attention_path(cache),
         )
-        if self.threshold is not None:
-            self.compression_ratio = self.last_stats.compression_ratio

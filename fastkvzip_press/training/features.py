@@ -129,8 +129,36 @@ def extract_features(
     return write_shards(model, tokenizer, windows, directory, chunk_size, progress, allow_other_model)
 
 
-def _check_shard(path: Path, meta: dict, window: Window, layout: ModelLayout, allow_other_model: bool) -> None:
-    """Refuse a shard on disk that another corpus, context length or model wrote."""
+# How each extraction argument is named on the command line (a resumed run is compared with them).
+EXTRACTION_FLAGS = {
+    "corpus": "--corpus",
+    "text_column": "--text-column",
+    "context_len": "--context-len",
+    "replay_chunk": "replay_chunk",
+    "dtype": "the model's dtype",
+}
+
+
+def check_extraction(path: Path, meta: dict, extraction: dict | None) -> None:
+    """Refuse a shard written with other extraction arguments, naming each that changed."""
+    written = meta.get("extraction")
+    if not written or not extraction:
+        return
+    changed = [key for key in extraction if key in written and written[key] != extraction[key]]
+    if changed:
+        then = ", ".join(f"{EXTRACTION_FLAGS.get(key, key)} {written[key]!r}" for key in changed)
+        now = ", ".join(f"{EXTRACTION_FLAGS.get(key, key)} {extraction[key]!r}" for key in changed)
+        raise ValueError(
+            f"{path} was extracted with {then}; this run asks for {now}. Resume with the arguments of the first run, "
+            "or use a fresh output folder"
+        )
+
+
+def _check_shard(
+    path: Path, meta: dict, window: Window, layout: ModelLayout, allow_other_model: bool, extraction: dict | None
+) -> None:
+    """Refuse a shard on disk that another corpus, context length, model or dtype wrote."""
+    check_extraction(path, meta, extraction)
     if meta["document"] != window.document or meta["window"] != window.index:
         raise ValueError(
             f"{path} holds {meta['document']}#{meta['window']}, expected {window.document}#{window.index}: "
@@ -140,6 +168,12 @@ def _check_shard(path: Path, meta: dict, window: Window, layout: ModelLayout, al
         raise ValueError(
             f"{path} holds features of layers {meta.get('layer_ids')}, but model {layout.model_id!r} gates layers "
             f"{list(layout.gated_layer_ids)}: it was extracted from another model; use a fresh output folder"
+        )
+    if meta.get("tokens", len(window.ids)) != len(window.ids):
+        raise ValueError(
+            f"{path} holds {meta['document']}#{meta['window']} as {meta['tokens']} tokens, this run plans "
+            f"{len(window.ids)}: the context length (--context-len) or the corpus changed since it was written; resume "
+            "with the arguments of the first run, or use a fresh output folder"
         )
     written_by = meta.get("model_id", "")
     if written_by and layout.model_id and written_by != layout.model_id and not allow_other_model:
@@ -159,9 +193,11 @@ def write_shards(
     progress: bool = True,
     allow_other_model: bool = False,
     ranks: Ranks | None = None,
+    extraction: dict | None = None,
 ) -> list[Path]:
     """One shard per window (``shard_<position>``), skipping shards already on disk after checking that the same
-    window of the same model wrote them. Returns the shard paths in window order.
+    window of the same model wrote them with the same ``extraction`` arguments (recorded in each shard; keys of
+    :data:`EXTRACTION_FLAGS`). Returns the shard paths in window order.
 
     With ``ranks`` of several processes, this one extracts only the windows it owns (``ranks.owns(position)``); the
     paths of the others are returned all the same (their shards exist once every rank is done).
@@ -185,7 +221,7 @@ def write_shards(
             continue
         if path.exists():
             meta = read_shard_metadata(path)
-            _check_shard(path, meta, window, layout, allow_other_model)
+            _check_shard(path, meta, window, layout, allow_other_model, extraction)
         else:
             input_ids = torch.cat([prefix, window.ids])[None].to(model.device)
             targets = kvzip_targets(
@@ -209,6 +245,7 @@ def write_shards(
                 "tokens": len(window.ids),
                 "layer_ids": gated,
                 "model_id": layout.model_id,
+                "extraction": extraction or {},
             }
             header = {"fastkvzip_press": json.dumps(meta)}
             atomic_write(path, partial(_save_shard, tensors, header))

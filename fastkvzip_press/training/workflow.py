@@ -28,7 +28,7 @@ from fastkvzip_press.checks import KnobTypeError, require_int, require_real
 from fastkvzip_press.gates import GateBank, save_gates
 from fastkvzip_press.gates.atomic import atomic_write, remove_stale_temporaries
 from fastkvzip_press.gates.layout import ModelLayout
-from fastkvzip_press.training.corpus import check_source, iter_documents
+from fastkvzip_press.training.corpus import BUILTIN, check_source, iter_documents
 from fastkvzip_press.training.distributed import Ranks, barrier, process_group
 from fastkvzip_press.training.features import (
     MIN_WINDOW,
@@ -48,6 +48,7 @@ class TrainConfig:
     """What to extract (corpus, lengths) and how to fit (``fit``)."""
 
     corpus: str | None = None
+    text_column: str = "text"
     context_len: int = 2048
     max_tokens: int | None = 200_000
     replay_chunk: int = 2048
@@ -62,6 +63,8 @@ class TrainConfig:
         if self.corpus is not None and not isinstance(self.corpus, str | Path):
             raise KnobTypeError(f"corpus must be a path, 'hf:<dataset>' or 'builtin', got {type(self.corpus).__name__}")
         check_source(self.corpus)  # before a model loads, not after
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise KnobTypeError(f"text_column must be a column name, got {self.text_column!r}")
         require_int("context_len (tokens per training context)", self.context_len, MIN_WINDOW)
         if self.max_tokens is not None:
             require_int("max_tokens (context tokens to extract)", self.max_tokens, MIN_WINDOW)
@@ -98,7 +101,8 @@ def train(
     times: dict[str, float] = {}
 
     # Everything that can be known from the text alone is checked before the (long) extraction.
-    windows = plan_windows(tokenizer, iter_documents(config.corpus), config.context_len, config.max_tokens)
+    documents = iter_documents(config.corpus, config.text_column)
+    windows = plan_windows(tokenizer, documents, config.context_len, config.max_tokens)
     train_positions, val_positions = check_windows(windows, config)
 
     start = time.perf_counter()
@@ -115,6 +119,7 @@ def train(
             progress=progress,
             allow_other_model=allow_other_model,
             ranks=ranks,
+            extraction=extraction_arguments(config, model),
         )
         barrier(ranks)  # every shard is on disk
     times["features_s"] = time.perf_counter() - start
@@ -154,6 +159,21 @@ def train(
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
     plot_curves(fit_report, out / "curves.png")
     return bank, report
+
+
+def extraction_arguments(config: TrainConfig, model: PreTrainedModel) -> dict:
+    """What decides the features (a resumed run must ask for the same): corpus, text column, context length, replay
+    chunk and dtype. A local corpus is compared by its absolute path."""
+    corpus = str(config.corpus if config.corpus is not None else BUILTIN)
+    if corpus != BUILTIN and not corpus.startswith("hf:"):
+        corpus = str(Path(corpus).expanduser().resolve())
+    return {
+        "corpus": corpus,
+        "text_column": config.text_column,
+        "context_len": config.context_len,
+        "replay_chunk": config.replay_chunk,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
 
 
 def fit_device_of(model: PreTrainedModel) -> torch.device:

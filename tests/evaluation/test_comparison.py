@@ -67,7 +67,7 @@ def test_eval_runs_write_kvpress_folders_skip_finished_and_refuse_other_data(tmp
 
     assert execute_runs(pipe, rows, runs, resources, progress=False) == []  # all finished: skipped
     other_rows = make_ruler_samples(tokenizer, 600, 1, tasks=("niah_single_1", "vt"), seed=1)
-    with pytest.raises(ValueError, match="another generated dataset"):
+    with pytest.raises(ValueError, match="a different generated dataset"):
         execute_runs(pipe, other_rows, runs, resources, progress=False)
 
     summaries = collect_runs(tmp_path)

@@ -32,7 +32,7 @@ def test_other_gates_are_not_taken_for_finished_runs(saved_tiny, tmp_path, capsy
     capsys.readouterr()
     assert main(eval_args(saved_tiny, out, tmp_path / "other_gates", "no_press", "fastkvzip_press")) == 2
     err = capsys.readouterr().err
-    assert "fastkvzip_press__0.50 holds a finished run made with another gates (--gates)" in err
+    assert "fastkvzip_press__0.50 holds a finished run made with other gates (--gates)" in err
     assert "Use another --out" in err
     # Runs that do not depend on gates are still reused.
     assert main(eval_args(saved_tiny, out, tmp_path / "other_gates", "no_press")) == 0

@@ -212,3 +212,14 @@ def test_a_per_head_budget_keeps_the_same_count_in_every_layer_and_head(ratio):
                 )
                 assert torch.equal(row.evicted[0, 0, 0], decision.evicted[layer, sequence, head])
     assert not torch.equal(decision.evicted[0, 0, 0], decision.evicted[0, 0, 1])  # heads choose differently
+
+
+@pytest.mark.parametrize("length", [5, 6, 7, 40, 300, 1001])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.99])
+@pytest.mark.parametrize("window", [0, 3, 0.02, 0.5])
+def test_kept_per_head_predicts_what_a_uniform_decision_keeps(length, ratio, window):
+    protection = Protection(n_sink=2, window=window)
+    budget = RatioBudget(ratio, per_head=True)
+    scores = torch.rand(3, 1, 2, length, generator=torch.Generator().manual_seed(length))
+    kept = decide(scores, budget, protection).kept
+    assert kept.unique().tolist() == [budget.kept_per_head(length, protection)]

@@ -6,8 +6,8 @@ On CPU each kernel's torch implementation is timed (medians of ``--repeats`` cal
 timed with ``triton.testing.do_bench`` and their achieved bandwidth is printed against the device's peak (bytes every
 kernel must read and write, over its time).
 
-    .venv/bin/python benchmarks/kernels.py                          # CPU, both shapes, 2k and 8k
-    python benchmarks/kernels.py --device cuda --contexts 8192 32768 --out /tmp/kernels
+    .venv/bin/python benchmarks/kernel_timings.py                          # CPU, both shapes, 2k and 8k
+    python benchmarks/kernel_timings.py --device cuda --contexts 8192 32768 --out /tmp/kernels
 
 Writes ``<out>/kernels.{csv,md}`` (default ``benchmarks/results``).
 """

@@ -1,0 +1,122 @@
+"""What an engine and each of its requests ask of Fast KVzip: read and checked here, without importing vLLM.
+
+Engine-wide settings come from vLLM's ``additional_config`` under the key ``"fastkvzip"`` (``--additional-config``
+on the command line, ``additional_config=`` for ``vllm.LLM``); the section's presence turns the integration on.
+A request chooses its own ratio with ``SamplingParams(extra_args={"fastkvzip_ratio": r})`` (``vllm_xargs`` in an
+OpenAI-API request); ``0`` turns compression off for that request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from numbers import Real
+from typing import Any
+
+from fastkvzip_press.checks import require_bool, require_int, require_real, require_window
+from fastkvzip_press.eviction import Protection, RatioBudget
+
+SECTION = "fastkvzip"
+REQUEST_RATIO = "fastkvzip_ratio"
+# FastKVzipPress's protection defaults, so that the engine and the transformers reference decide alike.
+DEFAULT_N_SINK = 4
+DEFAULT_WINDOW = 0.02
+
+
+class RequestSettingError(ValueError):
+    """A request's ``extra_args`` asks for something the engine cannot do; the message names the key."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The ``"fastkvzip"`` section of vLLM's ``additional_config``.
+
+    Attributes:
+        gates: gate file or folder; ``None``: the gates this package ships for the served model.
+        ratio: fraction of each prompt's KV pairs evicted when a request does not say, in [0, 1); 0 = only requests
+            that ask are compressed.
+        n_sink: leading tokens never evicted.
+        window_size: recent prompt tokens never evicted (a count, or a fraction of the prompt in (0, 1)).
+        events: a JSON-lines file that receives one record per compaction and per scheduler step (tests, benchmarks).
+        record_kept: also write each head's kept token indices into ``events``.
+    """
+
+    gates: str | None = None
+    ratio: float = 0.0
+    n_sink: int = DEFAULT_N_SINK
+    window_size: int | float = DEFAULT_WINDOW
+    events: str | None = None
+    record_kept: bool = False
+
+    def __post_init__(self):
+        if self.gates is not None and (not isinstance(self.gates, str) or not self.gates.strip()):
+            raise ValueError(f"{SECTION}.gates must be a gate file or folder path, got {self.gates!r}")
+        object.__setattr__(
+            self, "ratio", require_real(f"{SECTION}.ratio", self.ratio, 0, 1, high_open=True, meaning=_RATIO_MEANING)
+        )
+        object.__setattr__(self, "n_sink", require_int(f"{SECTION}.n_sink", self.n_sink, minimum=0))
+        object.__setattr__(self, "window_size", require_window(f"{SECTION}.window_size", self.window_size))
+        if self.events is not None and not isinstance(self.events, str):
+            raise ValueError(f"{SECTION}.events must be a file path, got {self.events!r}")
+        require_bool(f"{SECTION}.record_kept", self.record_kept)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> EngineSettings | None:
+        """The settings, or ``None`` when the engine was started without a ``"fastkvzip"`` section."""
+        if not isinstance(additional_config, Mapping) or SECTION not in additional_config:
+            return None
+        section = additional_config[SECTION]
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise ValueError(f"additional_config[{SECTION!r}] must be a JSON object, got {type(section).__name__}")
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown {SECTION} setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**section)
+
+    @property
+    def protection(self) -> Protection:
+        return Protection(self.n_sink, self.window_size)
+
+    def request_ratio(self, extra_args: Mapping[str, Any] | None) -> float:
+        """The ratio of a request with these ``extra_args`` (0.0: not compressed); raises
+        :class:`RequestSettingError` for a bad value."""
+        if not extra_args or REQUEST_RATIO not in extra_args:
+            return self.ratio
+        return check_request_ratio(extra_args[REQUEST_RATIO])
+
+    def kept_tokens(self, prompt_tokens: int, ratio: float) -> int:
+        """Prompt tokens every layer and KV head of a request keeps; ``prompt_tokens`` when nothing is evicted
+        (ratio 0, or a prompt no longer than the protected sink and window)."""
+        if ratio == 0:
+            return prompt_tokens
+        return RatioBudget(ratio, per_head=True).kept_per_head(prompt_tokens, self.protection)
+
+
+_RATIO_MEANING = "the fraction of the prompt's KV pairs evicted; 0 = no compression"
+
+
+def check_request_ratio(value: Any) -> float:
+    """A request's ``fastkvzip_ratio`` as a float in [0, 1), or :class:`RequestSettingError` saying what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise RequestSettingError(
+            f"extra_args[{REQUEST_RATIO!r}] must be a number in [0, 1) ({_RATIO_MEANING}), got {value!r}"
+        )
+    value = float(value)
+    if not 0 <= value < 1:  # NaN fails too
+        raise RequestSettingError(f"extra_args[{REQUEST_RATIO!r}] must be in [0, 1) ({_RATIO_MEANING}), got {value}")
+    return value
+
+
+def check_request(extra_args: Mapping[str, Any] | None, settings: EngineSettings | None) -> None:
+    """Refuse a request the engine cannot serve as asked: a bad ratio, or a ratio for an engine without Fast KVzip."""
+    if not extra_args or REQUEST_RATIO not in extra_args:
+        return
+    ratio = check_request_ratio(extra_args[REQUEST_RATIO])
+    if settings is None and ratio > 0:
+        raise RequestSettingError(
+            f"extra_args[{REQUEST_RATIO!r}]={ratio} asks for compression, but this engine was started without Fast "
+            f"KVzip: start it with --additional-config '{{\"{SECTION}\": {{}}}}' (additional_config= for vllm.LLM)"
+        )

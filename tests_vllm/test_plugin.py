@@ -1,0 +1,51 @@
+"""The plugin's entry point, its version pin, and engine configurations refused before any engine process starts."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+from vllm_helpers import engine_options
+
+from fastkvzip_press.vllm import VLLM_VERSION, UnsupportedVLLMVersion, check_vllm_version, register
+
+
+def test_vllm_finds_the_plugin_through_its_entry_point():
+    plugins = {plugin.name: plugin.value for plugin in entry_points(group="vllm.general_plugins")}
+    assert plugins["fastkvzip"] == "fastkvzip_press.vllm:register"
+
+
+def test_the_installed_vllm_is_the_pinned_one():
+    import vllm
+
+    check_vllm_version(vllm.__version__)
+    register()
+    register()  # vLLM loads plugins in every process, some more than once
+
+
+@pytest.mark.parametrize("version", ["0.31.0", "0.32.1", "0.33.0rc1"])
+def test_another_vllm_version_is_refused(version):
+    with pytest.raises(UnsupportedVLLMVersion, match=f"patches vLLM {VLLM_VERSION}.*has vLLM {version}"):
+        check_vllm_version(version)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "section", "message"),
+    [
+        ({"enable_prefix_caching": True}, {}, "--no-enable-prefix-caching"),
+        ({"enforce_eager": False}, {}, "--enforce-eager"),
+        ({}, {"gates": "/no/such/gates"}, "'/no/such/gates' does not exist"),
+        ({}, {"ratio": 1.0}, r"fastkvzip.ratio must be in \[0, 1\)"),
+        ({}, {"window": 8}, r"unknown fastkvzip setting\(s\) \['window'\]"),
+        ({}, {"n_sink": -1}, "fastkvzip.n_sink must be >= 0"),
+    ],
+)
+def test_an_engine_fast_kvzip_cannot_serve_is_refused_before_it_starts(tiny_models, overrides, section, message):
+    from vllm import LLM
+
+    from fastkvzip_press.vllm.engine_checks import EngineConfigError
+
+    model_dir, gates, _, _ = tiny_models["llama"]
+    section = {"gates": str(gates), **section}
+    with pytest.raises(EngineConfigError, match=message):
+        LLM(model=str(model_dir), additional_config={"fastkvzip": section}, **engine_options(**overrides))
