@@ -90,7 +90,7 @@ def _format_bytes(n_bytes: float) -> str:
     return f"{n_bytes:,.1f} {unit}"
 
 
-def _gate_bank(args: argparse.Namespace, model):
+def gate_bank_for(args: argparse.Namespace, model):
     """The gates ``--gates`` names, checked against ``model``: 'default' (shipped, else released), 'random'
     (untrained, seeded by ``--seed``) or a gate file or folder."""
     from fastkvzip_press.gates import GateBank, ModelLayout, load_gates
@@ -101,28 +101,58 @@ def _gate_bank(args: argparse.Namespace, model):
     return load_gates(source, model, allow_other_model=args.allow_other_model)
 
 
+def press_from_arguments(args: argparse.Namespace, gates):
+    """The FastKVzipPress that the press flags (:func:`add_press_arguments`) describe."""
+    from fastkvzip_press.presses import FastKVzipPress
+
+    return FastKVzipPress(
+        compression_ratio=0.0 if args.threshold is not None else args.ratio,
+        threshold=args.threshold,
+        gates=gates,
+        n_sink=args.n_sink,
+        window_size=args.window_size,
+        compaction=args.compaction,
+        chunk_size=args.chunk_size,
+    )
+
+
+def add_press_arguments(command: argparse.ArgumentParser) -> None:
+    """The press's flags, shared by ``generate`` and ``compress``."""
+    command.add_argument(
+        "--ratio", type=_fraction(0, 1, high_open=True), default=0.5, help="compression ratio: fraction removed"
+    )
+    command.add_argument(
+        "--threshold", type=_fraction(0, 1), default=None, help="adaptive mode: evict gate scores below this"
+    )
+    command.add_argument(
+        "--gates", default="default", help="'default' (shipped trained gates), a gate file or folder, or 'random'"
+    )
+    command.add_argument("--seed", type=_integer(0), default=0, help="seed for random gates")
+    command.add_argument("--n-sink", type=_integer(0), default=4)
+    command.add_argument(
+        "--window-size", type=_window, default=0.02, help="recent window: tokens (>=1) or fraction (<1)"
+    )
+    command.add_argument("--compaction", choices=["ragged", "masked"], default="ragged", help="free memory or mask")
+    command.add_argument("--chunk-size", type=_integer(1), default=None, help="prefill in chunks of this many tokens")
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
     from fastkvzip_press.cache import full_cache_bytes, kv_cache_bytes
+    from fastkvzip_press.cli_saved import generate_from_cache, read_context
     from fastkvzip_press.gates import ModelLayout
     from fastkvzip_press.models import load_default_model
-    from fastkvzip_press.presses import FastKVzipPress
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
 
-    context_path = Path(args.context_file)
-    if not context_path.is_file():
-        what = "is a folder, not a text file" if context_path.is_dir() else "does not exist"
-        print(f"error: context file {context_path} {what}", file=sys.stderr)
+    if (args.cache is None) == (args.context_file is None):
+        print("error: give --context-file (compress now) or --cache (a context saved by `compress`)", file=sys.stderr)
         return 2
-    try:
-        context = context_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        print(f"error: context file {context_path} is not UTF-8 text ({error})", file=sys.stderr)
-        return 2
-    if not context.strip():
-        print(f"error: context file {context_path} is empty", file=sys.stderr)
+    if args.cache is not None:
+        return generate_from_cache(args)
+    context = read_context(Path(args.context_file))
+    if context is None:
         return 2
 
     torch.manual_seed(0)
@@ -132,7 +162,7 @@ def _generate(args: argparse.Namespace) -> int:
     layout = ModelLayout.from_model(model)
     logger.info("model ready in %.1fs", time.perf_counter() - step)
 
-    gates = _gate_bank(args, model)
+    gates = gate_bank_for(args, model)
     if args.gates == "random":
         gate_label = f"RANDOM untrained gates (seed {args.seed}): eviction is arbitrary, expect worse answers"
     elif args.gates == "default":
@@ -145,15 +175,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         gate_label = f"gates from {args.gates}"
 
-    press = FastKVzipPress(
-        compression_ratio=0.0 if args.threshold is not None else args.ratio,
-        threshold=args.threshold,
-        gates=gates,
-        n_sink=args.n_sink,
-        window_size=args.window_size,
-        compaction=args.compaction,
-        chunk_size=args.chunk_size,
-    )
+    press = press_from_arguments(args, gates)
     pipe = kvpress_pipeline(model, tokenizer)
     questions = args.question
 
@@ -305,7 +327,7 @@ def _eval(args: argparse.Namespace) -> int:
     remove_stale_temporaries(out)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.model_cache)
-    gates = _gate_bank(args, model)  # checked once, before any run
+    gates = gate_bank_for(args, model)  # checked once, before any run
     model_id = model.config.name_or_path
     tokenizer_path = tokenizer_folder(args.model, args.model_cache)
     pipe = kvpress_pipeline(model, tokenizer)
@@ -405,26 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer questions about a context on the default model, with eviction",
         parents=[quiet, other_model],
     )
-    gen.add_argument("--context-file", required=True, help="text file holding the context")
+    gen.add_argument("--context-file", default=None, help="text file holding the context")
+    gen.add_argument("--cache", default=None, help="a context saved by `compress` (instead of --context-file)")
     gen.add_argument("--question", action="append", required=True, help="question (repeat for several)")
-    gen.add_argument(
-        "--ratio", type=_fraction(0, 1, high_open=True), default=0.5, help="compression ratio: fraction removed"
-    )
-    gen.add_argument(
-        "--threshold", type=_fraction(0, 1), default=None, help="adaptive mode: evict gate scores below this"
-    )
-    gen.add_argument(
-        "--gates", default="default", help="'default' (shipped trained gates), a gate file or folder, or 'random'"
-    )
-    gen.add_argument("--seed", type=_integer(0), default=0, help="seed for random gates")
-    gen.add_argument("--n-sink", type=_integer(0), default=4)
-    gen.add_argument("--window-size", type=_window, default=0.02, help="recent window: tokens (>=1) or fraction (<1)")
-    gen.add_argument("--compaction", choices=["ragged", "masked"], default="ragged", help="free memory or mask")
-    gen.add_argument("--chunk-size", type=_integer(1), default=None, help="prefill in chunks of this many tokens")
+    add_press_arguments(gen)
     gen.add_argument("--max-new-tokens", type=_integer(1), default=32)
     gen.add_argument("--model-cache", default=None, help="folder of the converted default model")
     gen.add_argument("--no-compare", action="store_true", help="skip the full-cache answer")
     gen.set_defaults(run=_generate)
+
+    from fastkvzip_press.cli_saved import add_compress_parser
+
+    add_compress_parser(commands, [quiet, other_model], add_press_arguments, press_from_arguments, gate_bank_for)
 
     tr = commands.add_parser(
         "train",

@@ -150,7 +150,6 @@ CLI_CASES = [
     (["generate", "--context-file", "c.txt", "--question", "q", "--window-size", "2.5"], "--window-size", "whole"),
     (["generate", "--context-file", "c.txt", "--question", "q", "--chunk-size", "0"], "--chunk-size", ">= 1"),
     (["generate", "--context-file", "c.txt", "--question", "q", "--compaction", "x"], "--compaction", "invalid"),
-    (["generate", "--question", "q"], "--context-file", "required"),
     (["train", "--out", "o", "--steps", "0"], "--steps", ">= 1"),
     (["train", "--out", "o", "--batch-tokens", "0"], "--batch-tokens", ">= 1"),
     (["train", "--out", "o", "--lr", "0"], "--lr", "(0, inf)"),
@@ -198,6 +197,9 @@ def test_command_errors_before_loading_a_model(tmp_path, capsys):
     cases = [
         (["generate", "--context-file", str(undecodable), "--question", "q"], ["latin1.txt", "not UTF-8"]),
         (["generate", "--context-file", str(tmp_path), "--question", "q"], ["is a folder, not a text file"]),
+        (["generate", "--question", "q"], ["give --context-file (compress now) or --cache"]),
+        (["generate", "--cache", str(tmp_path), "--question", "q"], ["is a folder, not a cache file"]),
+        (["compress", "--context-file", str(undecodable), "--out", str(tmp_path / "x.kvz")], ["not UTF-8"]),
         (["train", "--out", str(undecodable)], [f"--out {undecodable} is a file"]),
         (["eval", "--presses", "nope", "--out", str(tmp_path)], ["unknown press 'nope'"]),
         (["eval", "--presses", "fastkvzip_press_threshold", "--out", str(tmp_path)], ["--thresholds"]),

@@ -1,4 +1,4 @@
-"""The kernel benchmark runs end to end on small shapes (the model benchmarks are run by hand: minutes each)."""
+"""The kernel and saved-context benchmarks run end to end on small inputs (other model benchmarks: by hand)."""
 
 import csv
 import subprocess
@@ -24,3 +24,15 @@ def test_kernel_benchmark_times_every_kernel(tmp_path):
         "  dense, full cache (reference)",
     ]
     assert all(float(row["ms"]) > 0 for row in rows)
+
+
+def test_saved_context_benchmark_answers_alike_from_the_file(default_model_dir, tmp_path):
+    command = [sys.executable, "benchmarks/saved_context.py", "--lengths", "300", "--repeats", "1", "-q"]
+    command += ["--model-cache", str(default_model_dir), "--out", str(tmp_path)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    with open(tmp_path / "saved_context.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["config"] for row in rows] == ["0.5", "0.75", "0.5 chunked"]
+    assert all(row["same_answer"] == "True" for row in rows)
+    assert all(float(row["file_fraction"]) <= 1 - float(row["config"].split()[0]) + 0.02 for row in rows)
+    assert (tmp_path / "saved_context.md").exists() and (tmp_path / "saved_context.png").exists()

@@ -32,3 +32,31 @@ def test_cli_bad_inputs(tmp_path, capsys):
     empty.write_text("  \n")
     assert main(["-q", "generate", "--context-file", str(empty), "--question", "q"]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_compress_once_answer_later_as_right_after_compression(default_model_dir, tmp_path, capsys):
+    saved = tmp_path / "doc.kvz"
+    common = ["--model-cache", str(default_model_dir)]
+    assert main(["-q", "compress", "--context-file", str(EXAMPLE), "--ratio", "0.5", "--out", str(saved), *common]) == 0
+    printed = capsys.readouterr().out
+    assert "Full cache:" in printed and f"file {saved}:" in printed
+    questions = ["--question", QUESTION, "--question", "What is the name of the current librarian?"]
+    assert main(["-q", "generate", "--cache", str(saved), *questions, "--max-new-tokens", "16", *common]) == 0
+    later = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Answer:")]
+    now = ["generate", "--context-file", str(EXAMPLE), *questions, "--max-new-tokens", "16", "--no-compare"]
+    assert main(["-q", *now, *common]) == 0
+    right_away = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Answer (FastKVzipPress):")]
+    assert [a.removeprefix("Answer:").strip() for a in later] == [
+        a.removeprefix("Answer (FastKVzipPress):").strip() for a in right_away
+    ]
+    assert "4172" in later[0]
+
+
+def test_compress_refusals(tmp_path, capsys):
+    assert main(["-q", "compress", "--context-file", str(EXAMPLE), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    masked = ["-q", "compress", "--context-file", str(EXAMPLE), "--out", str(tmp_path / "x.kvz")]
+    assert main([*masked, "--compaction", "masked"]) == 2
+    assert "--compaction ragged" in capsys.readouterr().err
+    assert main(["-q", "generate", "--question", "q"]) == 2
+    assert "give --context-file" in capsys.readouterr().err

@@ -1,13 +1,15 @@
 """Applying an eviction decision to a transformers cache: the only code that replaces ``cache.layers[i]``.
 
 A dense layer (transformers' ``DynamicLayer``) becomes a :class:`~fastkvzip_press.cache.ragged_layer.RaggedLayer`
-without the evicted pairs; a ragged layer is compacted in place. Rollback is the layer's own ``truncate``.
+without the evicted pairs; a ragged layer is compacted in place. Rollback is the layer's own ``truncate``. A cache
+read back from a file gets its ragged layers through :func:`replace_layer`.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
 
 from fastkvzip_press.cache.ragged_layer import RaggedLayer
 
@@ -118,3 +120,8 @@ def take_scores(cache: Cache, layer_id: int) -> list[torch.Tensor] | None:
     ]
     layer.drop_column(SCORES)
     return scores
+
+
+def replace_layer(cache: Cache, layer_id: int, layer: CacheLayerMixin) -> None:
+    """Put ``layer`` in place of ``cache.layers[layer_id]`` (a cache restored from a file)."""
+    cache.layers[layer_id] = layer

@@ -301,6 +301,14 @@ class RaggedLayer(CacheLayerMixin):
         """Bytes of the side columns other than positions (annotations such as gate scores)."""
         return sum(column.nbytes for name, column in self.columns.items() if name != POSITIONS)
 
+    def retained_rows(self) -> torch.Tensor:
+        """Buffer row of every retained pair, segment after segment ``[sum(lengths)]`` (spare rows left out)."""
+        return self._row_index()
+
+    def column_fill(self, name: str) -> float:
+        """The value a side column's spare (and so appended) rows hold."""
+        return self._fill[name]
+
     def _row_index(self) -> torch.Tensor:
         """Buffer row of every retained row, segment after segment ``[sum(lengths)]``."""
         parts = [torch.arange(start, start + length, device=self.device) for start, length in self.segment_bounds()]
