@@ -66,13 +66,6 @@ def compress_command(args: argparse.Namespace) -> int:
     if out.is_dir():
         print(f"error: --out {out} is a folder; give a file path for the cache (e.g. doc.kvz)", file=sys.stderr)
         return 2
-    if args.compaction == "masked":
-        print(
-            "error: --compaction masked keeps evicted pairs in the cache and masks them in the model's attention, so "
-            "a saved file would hold the full context; use --compaction ragged (the default)",
-            file=sys.stderr,
-        )
-        return 2
     model, tokenizer = load_default_model(cache_dir=args.model_cache)
     press = args.make_press(args, args.gate_bank(args, model))
     context_ids = kvpress_pipeline(model, tokenizer).preprocess(context, [], "", 10**9)["context_ids"]

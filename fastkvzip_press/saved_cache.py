@@ -22,7 +22,7 @@ from fastkvzip_press.cache import RaggedLayer, enable_ragged_attention, kv_cache
 from fastkvzip_press.cache.stored import LAYER_KINDS, cache_from_tensors, cache_tensors
 from fastkvzip_press.gates.atomic import atomic_write
 from fastkvzip_press.gates.gate import model_name
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.gates.layout import ModelLayout, decoder_layers
 
 FORMAT = "fastkvzip-press cache"
 FORMAT_VERSION = 1
@@ -92,6 +92,7 @@ def save_cache(
     if path.is_dir():
         raise CacheFileError(f"{path} is a folder; give a file path for the cache (e.g. doc.kvz)")
     tensors, layers = cache_tensors(cache)
+    _store_masks(model, tensors, layers)
     bank = getattr(press, "gate_bank", None)
     header = {
         "format": FORMAT,
@@ -180,11 +181,52 @@ def load_cache(
     except (SafetensorError, OSError, KeyError, IndexError, RuntimeError, ValueError, TypeError) as error:
         raise CacheFileError(f"{path} is damaged: its tensors do not match its header ({error})") from None
     _check_consistent(path, cache, header)
+    _restore_masks(path, model, tensors, header["layers"], cache)
     if dtype is not None:
         _cast(cache, dtype)
     if any(isinstance(layer, RaggedLayer) for layer in cache.layers):
         enable_ragged_attention(model)
     return LoadedCache(cache, header)
+
+
+def _store_masks(model: PreTrainedModel, tensors: dict[str, torch.Tensor], layers: list[dict]) -> None:
+    """A masked press's eviction lives on the attention modules (kvpress's ``masked_key_indices``, set by the
+    context's prefill): store it beside each dense layer as ``[3, K]`` (sequence, head, position) indices."""
+    modules = decoder_layers(model)
+    for index, description in enumerate(layers):
+        indices = getattr(modules[index].self_attn, "masked_key_indices", None) if index < len(modules) else None
+        if description["kind"] != "ragged" and indices is not None:
+            tensors[f"layers.{index}.masked"] = torch.stack([t.to("cpu", torch.int64) for t in indices])
+            description["masked"] = True
+
+
+def _restore_masks(
+    path: str | Path, model: PreTrainedModel, tensors: dict[str, torch.Tensor], layers: list[dict], cache
+) -> None:
+    """Put a masked context's indices back on the attention modules (kvpress's attention patch reads them until the
+    next prefill); clear stale ones elsewhere."""
+    modules = decoder_layers(model)
+    masked = [index for index, description in enumerate(layers) if description.get("masked")]
+    from fastkvzip_press.presses.compaction import restore_masked_keys  # imports kvpress, which patches attention
+
+    for index, module in enumerate(modules):
+        if index not in masked:
+            if getattr(module.self_attn, "masked_key_indices", None) is not None:
+                restore_masked_keys(module.self_attn, None)
+            continue
+        indices = tensors.get(f"layers.{index}.masked")
+        shape = cache.layers[index].keys.shape[:3]
+        valid = (
+            indices is not None
+            and indices.dtype == torch.int64
+            and indices.dim() == 2
+            and indices.shape[0] == 3
+            and bool(((indices >= 0) & (indices < torch.tensor(shape)[:, None])).all())
+        )
+        if not valid:
+            raise CacheFileError(f"{path} is damaged: layer {index}'s masked positions do not fit its keys")
+        device = cache.layers[index].keys.device
+        restore_masked_keys(module.self_attn, tuple(row.to(device) for row in indices))
 
 
 def _check_consistent(path: str | Path, cache: DynamicCache, header: dict) -> None:

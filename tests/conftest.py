@@ -54,3 +54,15 @@ def default_model_dir(tmp_path_factory):
     target = tmp_path_factory.mktemp("models") / "smollm2"
     convert_default_model(target)
     return target
+
+
+@pytest.fixture()
+def corpus_dir(tmp_path):
+    """Four small text documents (the haystack with a different colour word each), for training runs."""
+    from helpers import CONTEXT
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, word in enumerate(["green", "blue", "grass", "sky"]):
+        (folder / f"doc{i}.txt").write_text(" ".join([CONTEXT.replace("green", word)] * 3))
+    return folder

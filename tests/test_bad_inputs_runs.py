@@ -28,18 +28,9 @@ def first_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-@pytest.fixture()
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i, word in enumerate(["green", "blue", "grass", "sky"]):
-        (folder / f"doc{i}.txt").write_text(" ".join([CONTEXT.replace("green", word)] * 3))
-    return folder
-
-
-def test_resume_refuses_a_changed_context_length_naming_it(llama, corpus, tmp_path):
+def test_resume_refuses_a_changed_context_length_naming_it(llama, corpus_dir, tmp_path):
     model, tokenizer = llama
-    first = TrainConfig(corpus=str(corpus), context_len=256, max_tokens=None, val_fraction=0.25, fit=FIT)
+    first = TrainConfig(corpus=str(corpus_dir), context_len=256, max_tokens=None, val_fraction=0.25, fit=FIT)
     train(model, tokenizer, tmp_path / "run", first, progress=False)
     changed = dataclasses.replace(first, context_len=512)
     with pytest.raises(ValueError) as error:
@@ -55,12 +46,12 @@ def test_resume_refuses_a_changed_context_length_naming_it(llama, corpus, tmp_pa
         ({"dtype": "bfloat16"}, "the model's dtype"),
     ],
 )
-def test_resume_refuses_every_changed_extraction_argument(llama, corpus, tmp_path, change, flag):
+def test_resume_refuses_every_changed_extraction_argument(llama, corpus_dir, tmp_path, change, flag):
     """Shards record what decided them; the same check covers corpus, text column and dtype."""
     from fastkvzip_press.training.features import check_extraction
 
     model, _ = llama
-    config = TrainConfig(corpus=str(corpus), context_len=256, fit=FIT)
+    config = TrainConfig(corpus=str(corpus_dir), context_len=256, fit=FIT)
     written = extraction_arguments(config, model)
     with pytest.raises(ValueError, match=f"was extracted with {flag}"):
         check_extraction(tmp_path / "shard", {"extraction": written}, {**written, **change})

@@ -55,8 +55,5 @@ def test_compress_once_answer_later_as_right_after_compression(default_model_dir
 def test_compress_refusals(tmp_path, capsys):
     assert main(["-q", "compress", "--context-file", str(EXAMPLE), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
-    masked = ["-q", "compress", "--context-file", str(EXAMPLE), "--out", str(tmp_path / "x.kvz")]
-    assert main([*masked, "--compaction", "masked"]) == 2
-    assert "--compaction ragged" in capsys.readouterr().err
     assert main(["-q", "generate", "--question", "q"]) == 2
     assert "give --context-file" in capsys.readouterr().err

@@ -26,13 +26,13 @@ from fastkvzip_press.saved_cache import (
 QUESTION = " what is the secret code ?"
 
 
-def compressed_context(model, tokenizer, gates, ratio: float, batch: int = 1):
+def compressed_context(model, tokenizer, gates, ratio: float, batch: int = 1, compaction: str = "ragged"):
     """A context prefilled under FastKVzipPress (ratio 0: no press); ``batch`` sequences, left-padded."""
     texts = [CONTEXT, CONTEXT[: len(CONTEXT) // 2], CONTEXT[len(CONTEXT) // 3 :]][:batch]
     tokenizer.padding_side = "left"
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
     cache = DynamicCache()
-    press = FastKVzipPress(ratio, gates=gates) if ratio else None
+    press = FastKVzipPress(ratio, gates=gates, compaction=compaction) if ratio else None
     with torch.no_grad():
         if press is None:
             model(**encoded, past_key_values=cache)
@@ -53,16 +53,30 @@ def continuation_logits(model, cache, encoded, tokenizer, steps: int = 3) -> tor
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
-@pytest.mark.parametrize(("ratio", "batch"), [(0.5, 1), (0.5, 3), (0.0, 1)])
-def test_a_loaded_cache_continues_as_the_saved_one(tiny_models, random_gates, tmp_path, arch, ratio, batch):
+@pytest.mark.parametrize(
+    ("ratio", "batch", "compaction"),
+    [(0.5, 1, "ragged"), (0.5, 3, "ragged"), (0.0, 1, "ragged"), (0.5, 1, "masked"), (0.5, 3, "masked")],
+)
+def test_a_loaded_cache_continues_as_the_saved_one(tiny_models, random_gates, tmp_path, arch, ratio, batch, compaction):
     model, tokenizer = tiny_models(arch)
-    cache, encoded, press = compressed_context(model, tokenizer, random_gates(model), ratio, batch)
+    cache, encoded, press = compressed_context(model, tokenizer, random_gates(model), ratio, batch, compaction)
     path = tmp_path / "context.kvz"
     save_cache(cache, path, model, context_ids=encoded["input_ids"], press=press)
+    masks = [layer.self_attn.masked_key_indices for layer in model.model.layers]
+    if compaction == "masked":  # the masks live on the attention modules: a fresh process starts without them
+        for layer in model.model.layers:
+            layer.self_attn.masked_key_indices = None
     loaded = load_cache(path, model)
+    restored = [layer.self_attn.masked_key_indices for layer in model.model.layers]
+    assert [m is None for m in restored] == [m is None for m in masks]
+    assert any(m is not None for m in restored) == (compaction == "masked" and ratio > 0)
     assert loaded.cache.get_seq_length() == cache.get_seq_length() == loaded.context_tokens
     assert kv_cache_bytes(loaded.cache) <= kv_cache_bytes(cache)  # no more than what was held (spare rows aside)
+    for layer, mask in zip(model.model.layers, masks):  # the saved cache continues with its own masks
+        layer.self_attn.masked_key_indices = mask
     expected = continuation_logits(model, cache, encoded, tokenizer)
+    for layer, mask in zip(model.model.layers, restored):
+        layer.self_attn.masked_key_indices = mask
     assert torch.equal(continuation_logits(model, loaded.cache, encoded, tokenizer), expected)
 
 

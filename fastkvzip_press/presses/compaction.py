@@ -124,6 +124,11 @@ class MaskedCompaction(Compaction):
 COMPACTIONS: dict[str, type[Compaction]] = {"ragged": RaggedCompaction, "masked": MaskedCompaction}
 
 
+def restore_masked_keys(module: nn.Module, indices: tuple[torch.Tensor, ...] | None) -> None:
+    """Set (or clear) an attention module's masked keys, as a saved masked context had them."""
+    module.masked_key_indices = indices
+
+
 def make_compaction(name: str) -> Compaction:
     """A fresh strategy for ``compaction=name``, or a ValueError naming the choices."""
     if name not in COMPACTIONS:

@@ -15,15 +15,6 @@ from fastkvzip_press.training.features import extract_features, read_shard_metad
 CONFIG = FitConfig(steps=20, batch_tokens=200, rank=4, n_sink=4, eval_every=10, checkpoint_every=100, warmup_steps=5)
 
 
-@pytest.fixture()
-def corpus_dir(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i, word in enumerate(["green", "blue", "grass", "sky"]):
-        (folder / f"doc{i}.txt").write_text(" ".join([CONTEXT.replace("green", word)] * 3))
-    return folder
-
-
 def test_corpus_sources(corpus_dir, tmp_path):
     documents = list(iter_documents(corpus_dir))
     assert [d.name for d in documents] == ["doc0.txt", "doc1.txt", "doc2.txt", "doc3.txt"]
