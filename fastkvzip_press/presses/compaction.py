@@ -3,7 +3,8 @@
 * :class:`RaggedCompaction` frees them: it hands decisions to :mod:`fastkvzip_press.cache.compaction`, which stores
   gated layers head by head, and switches the model to the ragged-aware attention.
 * :class:`MaskedCompaction` is the kvpress-style reference: the cache keeps its full size and kvpress's attention patch
-  masks the evicted keys. It is the only writer of kvpress's ``module.masked_key_indices``.
+  masks the evicted keys. This module is the only writer of kvpress's ``module.masked_key_indices`` (also
+  :func:`restore_masked_keys`, for a saved masked context).
 
 Prefill presses call :meth:`~Compaction.evict_tail`; the decoding press asks :meth:`~Compaction.rows_before` what
 each head holds and calls :meth:`~Compaction.evict_held`. Decisions are ``[B, H, N]`` bool masks of one layer.
