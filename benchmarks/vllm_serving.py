@@ -235,7 +235,7 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
 
     pool_tokens = (args.pool_blocks - 1) * args.block_size
     lines = [
-        f"vLLM {args.vllm_version} (CPU, fp32, eager), {args.model_name}: {len(rows and args.prompt_lengths)} requests "
+        f"vLLM {args.vllm_version} (CPU, fp32, eager), {args.model_name}: {len(args.prompt_lengths)} requests "
         f"at once, prompts of {args.min_tokens}-{args.max_tokens} tokens, {args.output_tokens} output tokens each; "
         f"a pool of {args.pool_blocks - 1} blocks of {args.block_size} tokens ({pool_tokens} tokens). Ratios against "
         "plain vLLM for throughput and latency; running requests against the same engine at ratio 0 (plain "

@@ -80,16 +80,6 @@ def _window(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"a fraction in (0, 1) or a whole number of tokens >= 0, got {text}") from None
 
 
-def _format_bytes(n_bytes: float) -> str:
-    if n_bytes < 1024:
-        return f"{int(n_bytes):,} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        n_bytes /= 1024
-        if n_bytes < 1024 or unit == "GiB":
-            break
-    return f"{n_bytes:,.1f} {unit}"
-
-
 def gate_bank_for(args: argparse.Namespace, model):
     """The gates ``--gates`` names, checked against ``model``: 'default' (shipped, else released), 'random'
     (untrained, seeded by ``--seed``) or a gate file or folder."""
@@ -140,7 +130,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from fastkvzip_press.cache import full_cache_bytes, kv_cache_bytes
+    from fastkvzip_press.cache.accounting import format_bytes, full_cache_bytes, kv_cache_bytes
     from fastkvzip_press.cli_saved import generate_from_cache, read_context
     from fastkvzip_press.gates import ModelLayout
     from fastkvzip_press.models import load_default_model
@@ -204,11 +194,11 @@ def _generate(args: argparse.Namespace) -> int:
         if answers_full is not None:
             print(f"Answer (full cache):     {answers_full[i]}")
     print("\nKV cache of the context")
-    print(f"  full cache:       {_format_bytes(full_bytes)} (100.0%)")
+    print(f"  full cache:       {format_bytes(full_bytes)} (100.0%)")
     if stats is not None:
         kept_fraction = stats.kept_fraction
         print(
-            f"  retained pairs:   {_format_bytes(full_bytes * kept_fraction)} ({100 * kept_fraction:.1f}%), "
+            f"  retained pairs:   {format_bytes(full_bytes * kept_fraction)} ({100 * kept_fraction:.1f}%), "
             f"compression ratio {stats.compression_ratio:.3f} over gated layers"
         )
         share = stats.head_retention()
@@ -219,7 +209,7 @@ def _generate(args: argparse.Namespace) -> int:
             note = "ragged: evicted pairs are freed; includes spare rows for question and answer tokens"
         else:
             note = "masked: evicted keys are masked, their memory is still held"
-        print(f"  stored now:       {_format_bytes(stored_bytes)} ({100 * stored_bytes / full_bytes:.1f}%; {note})")
+        print(f"  stored now:       {format_bytes(stored_bytes)} ({100 * stored_bytes / full_bytes:.1f}%; {note})")
     else:
         print("  no eviction (ratio 0)")
     return 0

@@ -46,15 +46,11 @@ def add_compress_parser(
     com.set_defaults(run=compress_command, make_press=make_press, gate_bank=gate_bank)
 
 
-def _format_bytes(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 def compress_command(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from fastkvzip_press.cache import full_cache_bytes
+    from fastkvzip_press.cache.accounting import format_bytes, full_cache_bytes
     from fastkvzip_press.models import load_default_model
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
     from fastkvzip_press.saved_cache import save_cache
@@ -79,7 +75,7 @@ def compress_command(args: argparse.Namespace) -> int:
     saved = time.perf_counter() - start
     full = full_cache_bytes(model, context_ids.shape[1])
     print(f"Context: {context_ids.shape[1]} tokens; compressed in {prefill:.1f}s, saved in {saved:.2f}s")
-    print(f"Full cache: {_format_bytes(full)}; file {out}: {_format_bytes(size)} ({100 * size / full:.1f}%)")
+    print(f"Full cache: {format_bytes(full)}; file {out}: {format_bytes(size)} ({100 * size / full:.1f}%)")
     return 0
 
 

@@ -30,3 +30,14 @@ def full_cache_bytes(model: PreTrainedModel, n_tokens: int) -> int:
     layout = ModelLayout.from_model(model)
     element = next(model.parameters()).element_size()
     return 2 * n_tokens * layout.num_layers * layout.num_kv_heads * layout.head_dim * element
+
+
+def format_bytes(n_bytes: float) -> str:
+    """``n_bytes`` for people: B, KiB, MiB or GiB with one decimal."""
+    if n_bytes < 1024:
+        return f"{int(n_bytes):,} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n_bytes /= 1024
+        if n_bytes < 1024 or unit == "GiB":
+            break
+    return f"{n_bytes:,.1f} {unit}"

@@ -9,7 +9,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.input_processor import InputProcessor
 
 from fastkvzip_press.vllm.engine_checks import check_engine
-from fastkvzip_press.vllm.settings import EngineSettings, RequestSettingError, check_request
+from fastkvzip_press.vllm.settings import REQUEST_RATIO, EngineSettings, RequestSettingError, check_request
 
 _original_validate_params = InputProcessor._validate_params
 _original_create_engine_config = EngineArgs.create_engine_config
@@ -24,7 +24,7 @@ def _create_engine_config(self, *args, **kwargs):
 def _validate_params(self, params, *args, **kwargs):
     result = _original_validate_params(self, params, *args, **kwargs)
     extra_args = getattr(params, "extra_args", None)
-    if extra_args:
+    if extra_args and REQUEST_RATIO in extra_args:  # most requests carry no Fast KVzip setting: nothing to parse
         settings = EngineSettings.from_additional_config(self.vllm_config.additional_config)
         try:
             check_request(extra_args, settings)

@@ -36,8 +36,6 @@ class SchedulerCompaction:
 class SchedulerState:
     settings: EngineSettings
     events: EventLog
-    freed_blocks: int = 0
-    compacted_requests: int = 0
 
 
 _original_init = Scheduler.__init__
@@ -99,8 +97,6 @@ def _free_after_prefill(scheduler: Scheduler, state: SchedulerState, request) ->
     pool = scheduler.kv_cache_manager.block_pool
     pool.free_blocks(reversed(tail))
     compaction.discarded = prompt_tokens - kept
-    state.freed_blocks += len(tail)
-    state.compacted_requests += 1
     state.events.write(
         "compaction",
         request=request.request_id,
