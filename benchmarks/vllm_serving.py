@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-blocks", type=int, default=160, help="KV blocks in the pool (one is vLLM's null block)")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.5, 0.75])
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=256,
+        help="also run the non-zero ratios on an engine that compacts every CHUNK_SIZE prompt tokens (0: skip)",
+    )
     parser.add_argument("--niah-contexts", type=int, default=24, help="0 skips the NIAH part")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -47,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--min-tokens must be >= 64 and --max-tokens >= --min-tokens")
     if any(not 0 <= ratio < 1 for ratio in args.ratios):
         parser.error("--ratios are fractions removed, in [0, 1)")
+    if args.chunk_size < 0:
+        parser.error("--chunk-size must be >= 0 (0: no chunked engine)")
     return args
 
 
@@ -87,10 +95,12 @@ def niah_prompts(tokenizer, contexts: int) -> list[tuple[list[int], dict]]:
 # -------------------------------------------------------------------------------------------------------- engine
 
 
-def engine_args(args: argparse.Namespace, model: str, events: Path | None):
+def engine_args(args: argparse.Namespace, model: str, events: Path | None, chunk_size: int | None = None):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    section = None if events is None else {"events": str(events), **({"gates": args.gates} if args.gates else {})}
+    section = None
+    if events is not None:
+        section = {"events": str(events), "chunk_size": chunk_size, **({"gates": args.gates} if args.gates else {})}
     return AsyncEngineArgs(
         model=model,
         dtype="float32",  # vLLM's bf16 CPU path answers wrongly on AMX CPUs
@@ -170,10 +180,12 @@ def scheduler_figures(events: Path | None, since: float) -> dict:
     }
 
 
-async def run_engine(args, model, events, configurations, prompts, niah) -> tuple[list[dict], dict]:
+async def run_engine(args, model, events, configurations, prompts, niah, chunk_size=None) -> tuple[list[dict], dict]:
+    """Serve ``prompts`` for each ``(name, ratio)`` of ``configurations`` on one engine, then the NIAH prompts at each
+    non-zero ratio; rows, and NIAH records by configuration name."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_engine_args(engine_args(args, model, events))
+    engine = AsyncLLM.from_engine_args(engine_args(args, model, events, chunk_size))
     try:
         await serve(engine, [prompts[0][: args.min_tokens]], None, 4, "warmup")
         rows = []
@@ -181,17 +193,23 @@ async def run_engine(args, model, events, configurations, prompts, niah) -> tupl
             logging.info("%s: %d requests", name, len(prompts))
             measured = await serve(engine, prompts, ratio, args.output_tokens, name)
             rows.append(
-                {"config": name, "ratio": ratio or 0.0, **measured, **scheduler_figures(events, measured["since"])}
+                {
+                    "config": name,
+                    "ratio": ratio or 0.0,
+                    "chunk_size": chunk_size,
+                    **measured,
+                    **scheduler_figures(events, measured["since"]),
+                }
             )
             logging.info(
                 "%s: %.1f output tokens/s, peak running %s", name, measured["output_tok_s"], rows[-1]["peak_running"]
             )
         niah_scores = {}
-        for _, ratio in configurations:
+        for name, ratio in configurations:
             if niah and ratio is not None:
-                records = await answer(engine, niah, ratio, f"niah-{ratio}")
-                niah_scores[ratio] = records
-                logging.info("NIAH at %.2f: %d/%d", ratio, sum(r["score"] for r in records), len(records))
+                records = await answer(engine, niah, ratio, f"niah-{name}")
+                niah_scores[name] = records
+                logging.info("NIAH, %s: %d/%d", name, sum(r["score"] for r in records), len(records))
         return rows, niah_scores
     finally:
         engine.shutdown()
@@ -200,31 +218,40 @@ async def run_engine(args, model, events, configurations, prompts, niah) -> tupl
 # -------------------------------------------------------------------------------------------------------- report
 
 
-def transformers_niah(path: Path) -> dict[float, tuple[float, int]]:
-    """ratio -> (correct, contexts) of the transformers uniform-budget path (full cache at ratio 0)."""
+def transformers_niah(path: Path, press: str) -> dict[float, tuple[float, int]]:
+    """ratio -> (correct, contexts) of the transformers uniform-budget path ``press`` (full cache at ratio 0)."""
     if not path.exists():
         return {}
     found: dict[float, list[float]] = {}
     with open(path) as handle:
         for row in csv.DictReader(handle):
-            if row["press"] in ("full", "fastkvzip_uniform"):
+            if row["press"] in ("full", press):
                 found.setdefault(float(row["ratio"]), []).append(float(row["score"]))
     return {ratio: (sum(scores), len(scores)) for ratio, scores in found.items()}
 
 
+def reference_niah(out: Path, row: dict) -> tuple[float, int] | None:
+    """The transformers uniform path's NIAH result for a row: ``niah_uniform.csv``, or for a chunked engine
+    ``niah_uniform_chunked.csv`` (``FastKVzipPress(uniform=True, chunk_size=256)``, benchmarks/niah_presses.py)."""
+    if row.get("chunk_size"):
+        return transformers_niah(out / "niah_uniform_chunked.csv", "fastkvzip_uniform_chunked").get(row["ratio"])
+    return transformers_niah(out / "niah_uniform.csv", "fastkvzip_uniform").get(row["ratio"])
+
+
 def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) -> None:
-    reference = transformers_niah(out / "niah_uniform.csv")
     plain = next(r for r in rows if r["config"] == "plain vLLM")
     base = next((r for r in rows if r["ratio"] == 0.0 and r["config"] != "plain vLLM"), plain)
     fields = [
-        "config", "ratio", "peak_running", "output_tok_s", "median_ttft_s", "median_itl_ms", "peak_blocks",
-        "mean_blocks", "wall_s", "output_tokens", "niah_correct", "niah_contexts", "niah_transformers_correct",
+        "config", "ratio", "chunk_size", "peak_running", "output_tok_s", "median_ttft_s", "median_itl_ms",
+        "peak_blocks", "mean_blocks", "wall_s", "output_tokens", "niah_correct", "niah_contexts",
+        "niah_transformers_correct",
     ]  # fmt: skip
     for row in rows:
-        records = niah.get(row["ratio"]) if row["config"] != "plain vLLM" else None
+        records = niah.get(row["config"])
         row["niah_correct"] = sum(r["score"] for r in records) if records else None
         row["niah_contexts"] = len(records) if records else None
-        row["niah_transformers_correct"] = reference.get(row["ratio"], (None,))[0] if records else None
+        row["niah_reference"] = reference_niah(out, row) if records else None
+        row["niah_transformers_correct"] = row["niah_reference"][0] if row["niah_reference"] else None
     with open(out / "vllm_serving.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -239,7 +266,9 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
         f"at once, prompts of {args.min_tokens}-{args.max_tokens} tokens, {args.output_tokens} output tokens each; "
         f"a pool of {args.pool_blocks - 1} blocks of {args.block_size} tokens ({pool_tokens} tokens). Ratios against "
         "plain vLLM for throughput and latency; running requests against the same engine at ratio 0 (plain "
-        "vLLM's scheduling; its own engine writes no scheduler steps).",
+        'vLLM\'s scheduling; its own engine writes no scheduler steps). "chunks of N": an engine that compacts '
+        "every N prompt tokens during the prefill (`chunk_size`), compared on NIAH with "
+        "`FastKVzipPress(uniform=True, chunk_size=N)`.",
         "",
         "| configuration | peak running | x | output tok/s | x plain | median TTFT s | median ITL ms | peak blocks "
         "| mean blocks | NIAH (engine) | NIAH (transformers, uniform) |",
@@ -252,7 +281,7 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
             else "—"
         )
         niah_engine = f"{row['niah_correct']:.0f}/{row['niah_contexts']}" if row["niah_contexts"] else "—"
-        niah_hf = reference.get(row["ratio"]) if row["niah_contexts"] else None
+        niah_hf = row["niah_reference"]
         lines.append(
             f"| {row['config']} | {fmt(row['peak_running'], 'd')} | {running_x} | {row['output_tok_s']:.1f} "
             f"| {row['output_tok_s'] / plain['output_tok_s']:.2f} | {row['median_ttft_s']:.1f} "
@@ -315,6 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, _ = asyncio.run(run_engine(args, model, None, [("plain vLLM", None)], prompts, []))
     configurations = [(f"fastkvzip {ratio}" if ratio else "ratio 0 (no compaction)", ratio) for ratio in args.ratios]
     more, niah_records = asyncio.run(run_engine(args, model, events, configurations, prompts, niah))
+    chunked = [(f"fastkvzip {ratio}, chunks of {args.chunk_size}", ratio) for ratio in args.ratios if ratio]
+    if args.chunk_size and chunked:
+        rows_chunked, niah_chunked = asyncio.run(
+            run_engine(args, model, events, chunked, prompts, niah, args.chunk_size)
+        )
+        more += rows_chunked
+        niah_records.update(niah_chunked)
     command = "python benchmarks/vllm_serving.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(rows + more, niah_records, args, out, command.strip())
     print((out / "vllm_serving.md").read_text())

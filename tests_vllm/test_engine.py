@@ -14,6 +14,7 @@ from fastkvzip_press.vllm.settings import EngineSettings
 
 STEPS = 8
 ENGINE_DEFAULT = {"llama": 0.0, "qwen3": 0.5}  # llama: requests opt in; qwen3: requests opt out with 0
+CHUNK_SIZE = {"llama": None, "qwen3": 64}  # llama: one compaction after the prefill; qwen3: one every 64 tokens
 
 
 def cdiv(a: int, b: int) -> int:
@@ -27,7 +28,13 @@ def engine(request, tiny_models, tmp_path_factory):
     arch = request.param
     model_dir, gates, model, bank = tiny_models[arch]
     events = tmp_path_factory.mktemp(f"events-{arch}") / "events.jsonl"
-    section = {"gates": str(gates), "events": str(events), "record_kept": True, "ratio": ENGINE_DEFAULT[arch]}
+    section = {
+        "gates": str(gates),
+        "events": str(events),
+        "record_kept": True,
+        "ratio": ENGINE_DEFAULT[arch],
+        "chunk_size": CHUNK_SIZE[arch],
+    }
     llm = LLM(
         model=str(model_dir), skip_tokenizer_init=True, additional_config={"fastkvzip": section}, **engine_options()
     )
@@ -102,11 +109,15 @@ def test_blocks_past_the_kept_tokens_return_to_the_pool(engine):
     _, log = run(engine, prompts, [0.5, 0.75, 0.5])
     compactions = {e["prompt_tokens"]: e for e in log if e["event"] == "compaction"}
     for length, ratio in ((300, 0.5), (200, 0.75), (64, 0.5)):
-        kept = settings.kept_tokens(length, ratio)
-        assert compactions[length]["kept_tokens"] == kept
-        assert compactions[length]["blocks_before"] == cdiv(length, BLOCK_SIZE)
-        assert compactions[length]["blocks_after"] == cdiv(kept, BLOCK_SIZE)
-    assert cdiv(300, BLOCK_SIZE) - cdiv(150, BLOCK_SIZE) == 5  # what the first request gives back
+        schedule = settings.schedule(length, ratio)
+        # before the last compaction: the whole prompt, or (chunked) what the one before stored and the last chunk
+        before = schedule.peak_tokens(schedule.ends[-2]) if len(schedule.ends) > 1 else length
+        assert compactions[length]["kept_tokens"] == schedule.kept_tokens == settings.kept_tokens(length, ratio)
+        assert compactions[length]["blocks_before"] == cdiv(before, BLOCK_SIZE)
+        assert compactions[length]["blocks_after"] == cdiv(schedule.kept_tokens, BLOCK_SIZE)
+    chunked = [e for e in log if e["event"] == "chunk_compaction"]
+    assert len(chunked) == (0 if settings.chunk_size is None else 4 + 3)  # 300 and 200 tokens in chunks of 64
+    assert all(e["blocks_after"] == cdiv(e["kept_tokens"], BLOCK_SIZE) for e in chunked)
     steps = [e for e in log if e["event"] == "scheduler_step"]
     assert steps[-1]["free_blocks"] == POOL_BLOCKS - 1, "every block is back once the requests finish"
 
@@ -122,6 +133,28 @@ def test_a_pool_too_small_for_four_full_requests_runs_them_together_once_compres
     assert 4 * cdiv(300 + STEPS, BLOCK_SIZE) > POOL_BLOCKS - 1  # the pool cannot hold four full requests
     assert most_running(full_log) == 2
     assert most_running(compressed_log) == 4
+
+
+def test_chunk_by_chunk_compaction_admits_requests_whose_whole_prompt_would_not_fit(engine):
+    """Compacted once after the prefill, a request needs its whole prompt's blocks to be admitted; compacted every
+    64 tokens, only its largest footprint."""
+    arch, llm, model, bank, events, settings = engine
+    prompts = distinct_prompts([300] * 6, seed=7)
+    results, log = run(engine, prompts, [0.75] * 6)
+    running = max(e["running"] for e in log if e["event"] == "scheduler_step")
+    schedule = settings.schedule(300, 0.75)
+    footprint = cdiv(schedule.peak_tokens(0), BLOCK_SIZE)
+    stored = cdiv(schedule.kept_tokens + STEPS, BLOCK_SIZE)
+    assert (
+        6 * stored < POOL_BLOCKS - 1 < 5 * stored + cdiv(300, BLOCK_SIZE)
+    )  # six fit compacted, not with a whole prompt
+    assert settings.chunk_size is None or 5 * stored + footprint <= POOL_BLOCKS - 1
+    if settings.chunk_size:
+        assert running == 6, (arch, running)
+    else:
+        assert running < 6, (arch, running)  # 4 measured
+    for prompt, (tokens, _) in zip(prompts, results):
+        assert tokens == greedy_reference(model, bank, prompt, 0.75, STEPS, settings).tokens
 
 
 def test_bad_settings_are_refused_and_the_engine_keeps_serving(engine):

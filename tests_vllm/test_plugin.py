@@ -38,6 +38,7 @@ def test_another_vllm_version_is_refused(version):
         ({}, {"ratio": 1.0}, r"fastkvzip.ratio must be in \[0, 1\)"),
         ({}, {"window": 8}, r"unknown fastkvzip setting\(s\) \['window'\]"),
         ({}, {"n_sink": -1}, "fastkvzip.n_sink must be >= 0"),
+        ({}, {"chunk_size": 0}, r"fastkvzip.chunk_size \(prompt tokens per compaction.*must be >= 1"),
     ],
 )
 def test_an_engine_fast_kvzip_cannot_serve_is_refused_before_it_starts(tiny_models, overrides, section, message):

@@ -14,7 +14,8 @@ from numbers import Real
 from typing import Any
 
 from fastkvzip_press.checks import require_bool, require_int, require_real, require_window
-from fastkvzip_press.eviction import Protection, RatioBudget
+from fastkvzip_press.eviction import Protection
+from fastkvzip_press.vllm.schedule import PromptSchedule, prompt_schedule
 
 SECTION = "fastkvzip"
 REQUEST_RATIO = "fastkvzip_ratio"
@@ -37,6 +38,9 @@ class EngineSettings:
             that ask are compressed.
         n_sink: leading tokens never evicted.
         window_size: recent prompt tokens never evicted (a count, or a fraction of the prompt in (0, 1)).
+        chunk_size: compact every ``chunk_size`` prompt tokens during the prefill (``FastKVzipPress(chunk_size=...)``:
+            the last window of each chunk waits for the next), so that a prompt never sits whole in the pool and more
+            requests are admitted; ``None``: compact once, when the prefill completes.
         events: a JSON-lines file that receives one record per compaction and per scheduler step (tests, benchmarks).
         record_kept: also write each head's kept token indices into ``events``.
     """
@@ -45,6 +49,7 @@ class EngineSettings:
     ratio: float = 0.0
     n_sink: int = DEFAULT_N_SINK
     window_size: int | float = DEFAULT_WINDOW
+    chunk_size: int | None = None
     events: str | None = None
     record_kept: bool = False
 
@@ -56,6 +61,9 @@ class EngineSettings:
         )
         object.__setattr__(self, "n_sink", require_int(f"{SECTION}.n_sink", self.n_sink, minimum=0))
         object.__setattr__(self, "window_size", require_window(f"{SECTION}.window_size", self.window_size))
+        if self.chunk_size is not None:
+            name = f"{SECTION}.chunk_size (prompt tokens per compaction, or null for one after the prefill)"
+            object.__setattr__(self, "chunk_size", require_int(name, self.chunk_size, minimum=1))
         if self.events is not None and not isinstance(self.events, str):
             raise ValueError(f"{SECTION}.events must be a file path, got {self.events!r}")
         require_bool(f"{SECTION}.record_kept", self.record_kept)
@@ -87,12 +95,16 @@ class EngineSettings:
             return self.ratio
         return check_request_ratio(extra_args[REQUEST_RATIO])
 
-    def kept_tokens(self, prompt_tokens: int, ratio: float) -> int:
-        """Prompt tokens every layer and KV head of a request keeps; ``prompt_tokens`` when nothing is evicted
+    def schedule(self, prompt_tokens: int, ratio: float) -> PromptSchedule | None:
+        """Where a request's prompt is compacted and what it stores after each point; ``None``: nothing is evicted
         (ratio 0, or a prompt no longer than the protected sink and window)."""
-        if ratio == 0:
-            return prompt_tokens
-        return RatioBudget(ratio, per_head=True).kept_per_head(prompt_tokens, self.protection)
+        return prompt_schedule(prompt_tokens, ratio, self.protection, self.chunk_size)
+
+    def kept_tokens(self, prompt_tokens: int, ratio: float) -> int:
+        """Prompt tokens every layer and KV head of a request keeps once its prefill is over; ``prompt_tokens`` when
+        nothing is evicted."""
+        schedule = self.schedule(prompt_tokens, ratio)
+        return prompt_tokens if schedule is None else schedule.kept_tokens
 
 
 _RATIO_MEANING = "the fraction of the prompt's KV pairs evicted; 0 = no compression"

@@ -4,12 +4,13 @@ address the compacted cache.
 - Capture: a forward pre-hook on every decoder layer's ``self_attn`` scores the post-layernorm hidden states of the
   requests being compressed with the layer's gate; one on ``self_attn.attn`` copies their post-RoPE keys and values.
   Only rows of requests still in their compressed prefill are touched.
-- Compaction: when a request's prefill completes, :class:`~fastkvzip_press.vllm.selection.PromptCapture` picks every
-  (layer, head)'s kept pairs (the same count everywhere), the attention backend writes them to the request's first
-  ``n`` slots (row ``j`` holds each head's ``j``-th kept pair), and the block-table row is cut after them. The
+- Compaction: when a request's prefill reaches a compaction point of its schedule (the scheduler ends steps there),
+  :class:`~fastkvzip_press.vllm.selection.PromptCompaction` picks every (layer, head)'s kept pairs of the span just
+  decided (the same count everywhere), the attention backend writes them after the pairs kept before, followed by the
+  undecided window (row ``j`` holds each head's ``j``-th pair), and the block-table row is cut after them. The
   scheduler frees the same blocks (:mod:`~fastkvzip_press.vllm.scheduler`).
 - Addressing: for every later step, sequence lengths and slot mappings use the physical position (logical minus the
-  ``T - n`` discarded tokens); RoPE positions and the sampler's lengths stay logical.
+  prompt tokens discarded so far); RoPE positions and the sampler's lengths stay logical.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from fastkvzip_press.gates import GateBank, ModelLayout, load_gates, load_shipped
 from fastkvzip_press.vllm.events import EventLog
-from fastkvzip_press.vllm.selection import PromptCapture
+from fastkvzip_press.vllm.schedule import PromptSchedule
+from fastkvzip_press.vllm.selection import ChunkWrite, PromptCompaction
 from fastkvzip_press.vllm.settings import EngineSettings
 
 logger = logging.getLogger(__name__)
@@ -35,11 +37,12 @@ STATE = "fastkvzip_compaction"  # attribute of a request's CachedRequestState: i
 
 @dataclass
 class RequestCompaction:
-    """A request's compaction on the worker: its ratio, its prompt capture until compaction, then the count of
-    prompt tokens it no longer stores (the shift from logical to physical positions)."""
+    """A request's compaction on the worker: its ratio and schedule, its prompt until the prefill is over, and the
+    count of prompt tokens it no longer stores (the shift from logical to physical positions)."""
 
     ratio: float
-    capture: PromptCapture | None = None
+    schedule: PromptSchedule | None
+    prompt: PromptCompaction | None = None
     discarded: int = 0
     done: bool = False
 
@@ -115,11 +118,9 @@ class WorkerCompactor:
         state = getattr(cached, STATE, None)
         if state is None:
             ratio = self.settings.request_ratio(cached.sampling_params.extra_args if cached.sampling_params else None)
-            prompt_tokens = cached.num_prompt_tokens
+            schedule = self.settings.schedule(cached.num_prompt_tokens, ratio)
             # nothing to capture when nothing will be evicted (ratio 0, or a prompt within sink and window)
-            state = RequestCompaction(
-                ratio=ratio, done=self.settings.kept_tokens(prompt_tokens, ratio) == prompt_tokens
-            )
+            state = RequestCompaction(ratio=ratio, schedule=schedule, done=schedule is None)
             setattr(cached, STATE, state)
         return state
 
@@ -149,9 +150,10 @@ class WorkerCompactor:
         for index, (request_id, state) in enumerate(zip(request_ids, states)):
             if state is None or state.done:
                 continue
-            cached = runner.requests[request_id]
-            if int(computed[index]) == 0 or state.capture is None:
-                state.capture = PromptCapture(cached.num_prompt_tokens)
+            if int(computed[index]) == 0 or state.prompt is None:
+                state.prompt = PromptCompaction(
+                    state.schedule, state.ratio, self.settings.protection, self.settings.chunk_size
+                )
             count = starts[index + 1] - starts[index]
             plan.append((request_id, offset, count))
             ranges.append(torch.arange(starts[index], starts[index + 1]))
@@ -159,61 +161,62 @@ class WorkerCompactor:
         self.step = StepCapture(plan, torch.cat(ranges)) if plan else None
 
     def after_forward(self) -> None:
-        """Hand each captured request its rows; compact those whose prompt is complete."""
+        """Hand each captured request its rows; store what a compaction point decides."""
         step, self.step = self.step, None
         if step is None:
             return
         n_layers = len(self.layers)
         for request_id, first, count in step.requests:
             state = self.request_state(request_id)
-            if state is None or state.capture is None:
+            if state is None or state.prompt is None:
                 continue
             rows = slice(first, first + count)
-            state.capture.add(
+            write = state.prompt.add(
                 torch.stack([step.scores[layer][:, rows] for layer in range(n_layers)]),
                 torch.stack([step.keys[layer][rows] for layer in range(n_layers)]),
                 torch.stack([step.values[layer][rows] for layer in range(n_layers)]),
             )
-            if state.capture.complete:
-                self._compact(request_id, state)
+            if write is not None:
+                self._store(request_id, state, write)
 
     # ------------------------------------------------------------------------------------------- compaction
 
-    def _compact(self, request_id: str, state: RequestCompaction) -> None:
-        capture = state.capture
-        prompt_tokens = capture.prompt_tokens
-        state.capture, state.done = None, True
-        compacted = capture.compacted(state.ratio, self.settings.protection)
-        stored = compacted.keys.shape[1]  # kept prompt pairs, then tokens past the prompt
+    def _store(self, request_id: str, state: RequestCompaction, write: ChunkWrite) -> None:
+        prompt = state.prompt
         runner = self.runner
         row = runner.input_batch.req_id_to_index[request_id]
         table = runner.input_batch.block_table[0]
         block_size = table.block_size
         n_blocks = int(table.num_blocks_per_row[row])
         blocks = torch.from_numpy(table.block_table.np[row, :n_blocks].astype(np.int64))
-        positions = torch.arange(stored)
+        positions = torch.arange(write.first, write.stored)
         slots = blocks[positions // block_size] * block_size + positions % block_size
         for layer_id, layer in enumerate(self.layers):
             attention = layer.self_attn.attn
             cache = attention.kv_cache
-            destination = slots.to(cache.device)
             attention.impl.do_kv_cache_update(
                 attention,
-                compacted.keys[layer_id].to(cache.device, cache.dtype),
-                compacted.values[layer_id].to(cache.device, cache.dtype),
+                write.keys[layer_id].to(cache.device, cache.dtype),
+                write.values[layer_id].to(cache.device, cache.dtype),
                 cache,
-                destination,
+                slots.to(cache.device),
             )
-        kept_blocks = cdiv(stored, block_size)
+        kept_blocks = cdiv(write.stored, block_size)
         table.block_table.np[row, kept_blocks:n_blocks] = 0
         table.num_blocks_per_row[row] = kept_blocks
         del runner.requests[request_id].block_ids[0][kept_blocks:]
-        state.discarded = prompt_tokens - compacted.kept_tokens
-        record = dict(request=request_id, prompt_tokens=prompt_tokens, kept_tokens=compacted.kept_tokens)
+        state.discarded = prompt.computed - write.stored
+        if not prompt.complete:
+            return
+        state.prompt, state.done = None, True
+        schedule = prompt.schedule
+        record = dict(request=request_id, prompt_tokens=schedule.prompt_tokens, kept_tokens=schedule.kept_tokens)
         if self.settings.record_kept:
-            record["kept_indices"] = compacted.kept_indices.tolist()
+            record["kept_indices"] = prompt.kept_indices().tolist()
         self.events.write("worker_compaction", **record)
-        logger.debug("request %s: kept %d of %d prompt tokens per head", request_id, compacted.kept_tokens, stored)
+        logger.debug(
+            "request %s: kept %d of %d prompt tokens per head", request_id, schedule.kept_tokens, schedule.prompt_tokens
+        )
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -1,4 +1,5 @@
-"""The engine's transformers reference is FastKVzipPress(uniform=True): same greedy tokens on tiny models."""
+"""The engine's transformers reference is FastKVzipPress(uniform=True), chunked or not: same greedy tokens on tiny
+models."""
 
 import pytest
 import torch
@@ -12,12 +13,15 @@ from fastkvzip_press.vllm.settings import EngineSettings
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
-def test_the_reference_decodes_as_the_uniform_press(arch, ratio):
+@pytest.mark.parametrize("chunk_size", [None, 32])
+def test_the_reference_decodes_as_the_uniform_press(arch, ratio, chunk_size):
     model, _ = tiny_model(arch)
     bank = GateBank.random(ModelLayout.from_model(model), seed=5)
     prompt = torch.randperm(model.config.vocab_size - 10, generator=torch.Generator().manual_seed(0))[:120] + 10
-    reference = greedy_reference(model, bank, prompt.tolist(), ratio, max_new_tokens=6)
-    press = FastKVzipPress(compression_ratio=ratio, gates=bank, uniform=True)
+    settings = EngineSettings(chunk_size=chunk_size)
+    reference = greedy_reference(model, bank, prompt.tolist(), ratio, max_new_tokens=6, settings=settings)
+    chunking = {} if chunk_size is None else {"chunk_size": chunk_size, "compaction": "ragged"}
+    press = FastKVzipPress(compression_ratio=ratio, gates=bank, uniform=True, **chunking)
     with torch.no_grad(), press(model):
         generated = model.generate(
             prompt[None], max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True
@@ -26,7 +30,7 @@ def test_the_reference_decodes_as_the_uniform_press(arch, ratio):
     logprobs = [float(step[0].log_softmax(-1)[token]) for step, token in zip(generated.scores, reference.tokens)]
     assert max(abs(a - b) for a, b in zip(logprobs, reference.logprobs)) < 1e-4
     if ratio:
-        kept = EngineSettings().kept_tokens(120, ratio)
+        kept = settings.kept_tokens(120, ratio)
         assert reference.kept_indices.shape == (len(bank.layer_ids), bank.num_kv_heads, kept)
         assert press.last_stats.kept_per_head[0].unique().tolist() == [kept]
     else:
