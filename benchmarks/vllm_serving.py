@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PREFILL_ONLY = "plain vLLM, prefill only"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -180,15 +181,22 @@ def scheduler_figures(events: Path | None, since: float) -> dict:
     }
 
 
-async def run_engine(args, model, events, configurations, prompts, niah, chunk_size=None) -> tuple[list[dict], dict]:
+async def run_engine(
+    args, model, events, configurations, prompts, niah, chunk_size=None, prefill_row=False
+) -> tuple[list[dict], dict]:
     """Serve ``prompts`` for each ``(name, ratio)`` of ``configurations`` on one engine, then the NIAH prompts at each
-    non-zero ratio; rows, and NIAH records by configuration name."""
+    non-zero ratio; rows, and NIAH records by configuration name. ``prefill_row``: first the same prompts with one
+    output token each (the prefill alone: the part of a run no decoding speed-up shortens)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine = AsyncLLM.from_engine_args(engine_args(args, model, events, chunk_size))
     try:
         await serve(engine, [prompts[0][: args.min_tokens]], None, 4, "warmup")
         rows = []
+        if prefill_row:
+            measured = await serve(engine, prompts, None, 1, "prefill")
+            rows.append({"config": PREFILL_ONLY, "ratio": 0.0, **measured})
+            logging.info("prefill only: %.1f s", measured["wall_s"])
         for name, ratio in configurations:
             logging.info("%s: %d requests", name, len(prompts))
             measured = await serve(engine, prompts, ratio, args.output_tokens, name)
@@ -239,6 +247,8 @@ def reference_niah(out: Path, row: dict) -> tuple[float, int] | None:
 
 
 def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) -> None:
+    prefill = next((r for r in rows if r["config"] == PREFILL_ONLY), None)
+    rows = [r for r in rows if r is not prefill]
     plain = next(r for r in rows if r["config"] == "plain vLLM")
     base = next((r for r in rows if r["ratio"] == 0.0 and r["config"] != "plain vLLM"), plain)
     fields = [
@@ -255,7 +265,7 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
     with open(out / "vllm_serving.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(rows if prefill is None else [prefill, *rows])
 
     def fmt(value, spec):
         return "—" if value is None else format(value, spec)
@@ -270,9 +280,9 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
         "every N prompt tokens during the prefill (`chunk_size`), compared on NIAH with "
         "`FastKVzipPress(uniform=True, chunk_size=N)`.",
         "",
-        "| configuration | peak running | x | output tok/s | x plain | median TTFT s | median ITL ms | peak blocks "
-        "| mean blocks | NIAH (engine) | NIAH (transformers, uniform) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | peak running | x | output tok/s | x plain | wall s | median TTFT s | median ITL ms "
+        "| peak blocks | mean blocks | NIAH (engine) | NIAH (transformers, uniform) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         running_x = (
@@ -284,10 +294,17 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
         niah_hf = row["niah_reference"]
         lines.append(
             f"| {row['config']} | {fmt(row['peak_running'], 'd')} | {running_x} | {row['output_tok_s']:.1f} "
-            f"| {row['output_tok_s'] / plain['output_tok_s']:.2f} | {row['median_ttft_s']:.1f} "
+            f"| {row['output_tok_s'] / plain['output_tok_s']:.2f} | {row['wall_s']:.0f} | {row['median_ttft_s']:.1f} "
             f"| {row['median_itl_ms']:.1f} | {fmt(row['peak_blocks'], 'd')} | {fmt(row['mean_blocks'], '.1f')} "
             f"| {niah_engine} | {'—' if niah_hf is None else f'{niah_hf[0]:.0f}/{niah_hf[1]}'} |"
         )
+    if prefill is not None:
+        lines += [
+            "",
+            f"The prefill alone (the same prompts with one output token each, plain vLLM) took "
+            f"{prefill['wall_s']:.0f} s of plain vLLM's {plain['wall_s']:.0f} s: however fast decoding became, output "
+            f"tokens/s could grow about {plain['wall_s'] / prefill['wall_s']:.2f}x at most on this machine.",
+        ]
     lines += ["", f"Command: `{command}`", ""]
     (out / "vllm_serving.md").write_text("\n".join(lines))
     plot(rows, out / "vllm_serving.png")
@@ -341,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     events = Path(tempfile.mkdtemp(prefix="vllm-serving-")) / "events.jsonl"
-    rows, _ = asyncio.run(run_engine(args, model, None, [("plain vLLM", None)], prompts, []))
+    rows, _ = asyncio.run(run_engine(args, model, None, [("plain vLLM", None)], prompts, [], prefill_row=True))
     configurations = [(f"fastkvzip {ratio}" if ratio else "ratio 0 (no compaction)", ratio) for ratio in args.ratios]
     more, niah_records = asyncio.run(run_engine(args, model, events, configurations, prompts, niah))
     chunked = [(f"fastkvzip {ratio}, chunks of {args.chunk_size}", ratio) for ratio in args.ratios if ratio]

@@ -23,8 +23,11 @@ def test_the_serving_benchmark_runs_on_a_tiny_model(tiny_models, tmp_path):
     with open(tmp_path / "vllm_serving.csv") as handle:
         rows = list(csv.DictReader(handle))
     configs = ["plain vLLM", "ratio 0 (no compaction)", "fastkvzip 0.5", "fastkvzip 0.5, chunks of 64"]
+    prefill, *rows = rows
+    assert prefill["config"] == "plain vLLM, prefill only" and int(prefill["output_tokens"]) == 3
     assert [row["config"] for row in rows] == configs
     assert all(int(row["output_tokens"]) == 3 * 4 for row in rows)
     assert int(rows[2]["peak_blocks"]) < int(rows[1]["peak_blocks"]), "compaction frees blocks"
     assert int(rows[3]["peak_running"]) >= int(rows[2]["peak_running"]), "chunk by chunk, admission asks for less"
-    assert (tmp_path / "vllm_serving.md").exists() and (tmp_path / "vllm_serving.png").exists()
+    assert "The prefill alone" in (tmp_path / "vllm_serving.md").read_text()
+    assert (tmp_path / "vllm_serving.png").exists()
