@@ -143,7 +143,7 @@ def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_
 
 def _preempt_request(self, request, *args, **kwargs):
     if getattr(request, STATE, None) is not None:
-        setattr(request, STATE, None)  # recomputed from its first token, compacted again at its prompt's end
+        setattr(request, STATE, None)  # recomputed from its first token, compacted again at the same points
     state: SchedulerState | None = getattr(self, "fastkvzip", None)
     if state is not None:
         state.events.write("preemption", request=request.request_id, computed_tokens=request.num_computed_tokens)
