@@ -103,10 +103,9 @@ def test_one_decision_function_and_one_writer_of_cache_layers_and_masked_indices
     assert selectors <= {"fastkvzip_press.eviction.decision", "fastkvzip_press.triton.select_smallest"}
     deciders = {name for name, path in MODULES.items() if "decide" in calls_in(path)}
     assert deciders == {
-        "fastkvzip_press.eviction.chunk_plan",  # a chunk span
+        "fastkvzip_press.eviction.chunk_plan",  # a chunk span (and a request's prompt inside vLLM)
         "fastkvzip_press.presses.prefill",  # one-pass prefill
         "fastkvzip_press.presses.decoding",  # decoding
-        "fastkvzip_press.vllm.selection",  # a request's prompt inside vLLM
     }
     layer_writers, mask_writers = set(), set()
     for name, path in MODULES.items():
