@@ -238,12 +238,13 @@ def transformers_niah(path: Path, press: str) -> dict[float, tuple[float, int]]:
     return {ratio: (sum(scores), len(scores)) for ratio, scores in found.items()}
 
 
-def reference_niah(out: Path, row: dict) -> tuple[float, int] | None:
-    """The transformers uniform path's NIAH result for a row: ``niah_uniform.csv``, or for a chunked engine
-    ``niah_uniform_chunked.csv`` (``FastKVzipPress(uniform=True, chunk_size=256)``, benchmarks/niah_presses.py)."""
-    if row.get("chunk_size"):
-        return transformers_niah(out / "niah_uniform_chunked.csv", "fastkvzip_uniform_chunked").get(row["ratio"])
-    return transformers_niah(out / "niah_uniform.csv", "fastkvzip_uniform").get(row["ratio"])
+def reference_niah(out: Path) -> dict[bool, dict[float, tuple[float, int]]]:
+    """The transformers uniform path's NIAH results, by whether the engine compacts in chunks: ``niah_uniform.csv``,
+    and ``niah_uniform_chunked.csv`` (``FastKVzipPress(uniform=True, chunk_size=256)``, benchmarks/niah_presses.py)."""
+    return {
+        False: transformers_niah(out / "niah_uniform.csv", "fastkvzip_uniform"),
+        True: transformers_niah(out / "niah_uniform_chunked.csv", "fastkvzip_uniform_chunked"),
+    }
 
 
 def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) -> None:
@@ -256,11 +257,12 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
         "peak_blocks", "mean_blocks", "wall_s", "output_tokens", "niah_correct", "niah_contexts",
         "niah_transformers_correct",
     ]  # fmt: skip
+    references = reference_niah(out)
     for row in rows:
         records = niah.get(row["config"])
         row["niah_correct"] = sum(r["score"] for r in records) if records else None
         row["niah_contexts"] = len(records) if records else None
-        row["niah_reference"] = reference_niah(out, row) if records else None
+        row["niah_reference"] = references[bool(row.get("chunk_size"))].get(row["ratio"]) if records else None
         row["niah_transformers_correct"] = row["niah_reference"][0] if row["niah_reference"] else None
     with open(out / "vllm_serving.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")

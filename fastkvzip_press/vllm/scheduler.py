@@ -67,7 +67,7 @@ def _update_from_output(self, scheduler_output, model_runner_output):
         for request_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(request_id)
             if request is not None and request.status == RequestStatus.RUNNING:
-                _free_after_prefill(self, state, request)
+                _free_after_compaction(self, state, request)
         pool = self.kv_cache_manager.block_pool
         state.events.write(
             "scheduler_step",
@@ -90,7 +90,7 @@ def _compaction(settings: EngineSettings, request) -> SchedulerCompaction:
     return compaction
 
 
-def _free_after_prefill(scheduler: Scheduler, state: SchedulerState, request) -> None:
+def _free_after_compaction(scheduler: Scheduler, state: SchedulerState, request) -> None:
     """At each compaction point the request's computed tokens reach, cut its blocks after what it stores and return
     the rest to the pool."""
     compaction = _compaction(state.settings, request)

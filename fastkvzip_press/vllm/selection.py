@@ -43,7 +43,7 @@ class PromptCompaction:
         budget = RatioBudget(ratio, per_head=True)
         self.plan = ChunkPlan.start(schedule.prompt_tokens, budget, protection, chunk_size=chunk_size)
         self.computed = 0  # prompt tokens captured
-        self.stored = 0  # kept pairs stored before the undecided tokens
+        self.n_kept = 0  # pairs kept so far, stored before the undecided tokens
         self.keys: torch.Tensor | None = None  # [L, P, H, D] of the undecided tokens
         self.values: torch.Tensor | None = None
         self.kept: list[torch.Tensor] = []  # [L, H, k] prompt positions kept, per decided span
@@ -85,12 +85,12 @@ class PromptCompaction:
         kept_values = torch.stack([layer[kept[i], index] for i, layer in enumerate(self.values)]).transpose(1, 2)
         self.keys, self.values = self.keys[:, span:], self.values[:, span:]
         write = ChunkWrite(
-            first=self.stored,
+            first=self.n_kept,
             keys=torch.cat([kept_keys, self.keys], dim=1).contiguous(),
             values=torch.cat([kept_values, self.values], dim=1).contiguous(),
             kept_indices=kept + decided,
         )
-        self.stored += kept.shape[-1]
+        self.n_kept += kept.shape[-1]
         self.kept.append(write.kept_indices)
         expected = self.schedule.stored[self.schedule.ends.index(end)]
         if write.stored != expected:
