@@ -6,9 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# Kernels run in Triton's interpreter where no GPU is present. Triton reads the variable when triton.language is first
+# imported (kvpress imports it below), so it is set before: then tl.max / tl.sum work in interpreted kernels too.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import kvpress  # noqa: E402,F401  (registers the pipeline and patches attention)
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from fastkvzip_press import GateBank, ModelLayout  # noqa: E402
 from fastkvzip_press.models import TINY_ARCHITECTURES, tiny_model  # noqa: E402

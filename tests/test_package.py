@@ -9,7 +9,7 @@ from pathlib import Path
 import fastkvzip_press
 
 PACKAGE = Path(fastkvzip_press.__file__).parent
-CORE = ("gates", "eviction", "cache", "triton")
+CORE = ("gates", "eviction", "cache", "triton", "paged")
 ABOVE_CORE = ("presses", "training", "evaluation", "cli", "models")
 
 
@@ -84,7 +84,7 @@ def test_the_vllm_integration_builds_on_the_core_alone():
 def test_importing_the_core_loads_no_kvpress():
     code = (
         "import sys; import fastkvzip_press.gates, fastkvzip_press.eviction, fastkvzip_press.cache, "
-        "fastkvzip_press.triton; sys.exit(int('kvpress' in sys.modules))"
+        "fastkvzip_press.triton, fastkvzip_press.paged; sys.exit(int('kvpress' in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -103,7 +103,8 @@ def test_one_decision_function_and_one_writer_of_cache_layers_and_masked_indices
     assert selectors <= {"fastkvzip_press.eviction.decision", "fastkvzip_press.triton.select_smallest"}
     deciders = {name for name, path in MODULES.items() if "decide" in calls_in(path)}
     assert deciders == {
-        "fastkvzip_press.eviction.chunk_plan",  # a chunk span (and a request's prompt inside vLLM)
+        "fastkvzip_press.eviction.chunk_plan",  # a chunk span
+        "fastkvzip_press.vllm.compaction",  # a request's prompt inside vLLM, at its schedule's points
         "fastkvzip_press.presses.prefill",  # one-pass prefill
         "fastkvzip_press.presses.decoding",  # decoding
     }

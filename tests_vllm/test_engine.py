@@ -1,5 +1,6 @@
-"""The integration inside a vLLM engine: the same tokens and kept pairs as the transformers reference, blocks
-returned to the pool, more requests at once, requests that do not ask left alone, bad settings refused."""
+"""The integration inside a vLLM engine: the same tokens and the same pairs kept head by head as the transformers
+reference under either budget, blocks that follow what the heads keep, more requests at once, requests that do not
+ask left alone, bad settings refused."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from fastkvzip_press.vllm.reference import greedy_reference
 from fastkvzip_press.vllm.settings import EngineSettings
 
 STEPS = 8
-ENGINE_DEFAULT = {"llama": 0.0, "qwen3": 0.5}  # llama: requests opt in; qwen3: requests opt out with 0
-CHUNK_SIZE = {"llama": None, "qwen3": 64}  # llama: one compaction after the prefill; qwen3: one every 64 tokens
+# llama: requests opt in, global budget by default, vLLM's CPU kernel; qwen3: requests opt out with ratio 0, uniform
+# budget by default, compacted every 64 prompt tokens, the package's torch attention path.
+SECTIONS = {
+    "llama": {"ratio": 0.0, "budget": "global", "chunk_size": None, "attention": "auto"},
+    "qwen3": {"ratio": 0.5, "budget": "uniform", "chunk_size": 64, "attention": "torch"},
+}
+HEADS = 2 * 2  # layers x KV heads of the tiny models
 
 
 def cdiv(a: int, b: int) -> int:
@@ -28,13 +34,7 @@ def engine(request, tiny_models, tmp_path_factory):
     arch = request.param
     model_dir, gates, model, bank = tiny_models[arch]
     events = tmp_path_factory.mktemp(f"events-{arch}") / "events.jsonl"
-    section = {
-        "gates": str(gates),
-        "events": str(events),
-        "record_kept": True,
-        "ratio": ENGINE_DEFAULT[arch],
-        "chunk_size": CHUNK_SIZE[arch],
-    }
+    section = {"gates": str(gates), "events": str(events), "record_kept": True, **SECTIONS[arch]}
     llm = LLM(
         model=str(model_dir), skip_tokenizer_init=True, additional_config={"fastkvzip": section}, **engine_options()
     )
@@ -42,23 +42,25 @@ def engine(request, tiny_models, tmp_path_factory):
     llm.llm_engine.engine_core.shutdown()
 
 
-def sampling(ratio, steps: int = STEPS):
-    """``ratio`` None: no extra_args (the engine's default)."""
+def sampling(ratio, budget=None, steps: int = STEPS):
+    """``ratio`` / ``budget`` None: not in extra_args (the engine's default)."""
     from vllm import SamplingParams
 
+    extra = {}
+    if ratio is not None:
+        extra["fastkvzip_ratio"] = ratio
+    if budget is not None:
+        extra["fastkvzip_budget"] = budget
     return SamplingParams(
-        max_tokens=steps,
-        temperature=0,
-        ignore_eos=True,
-        logprobs=1,
-        detokenize=False,
-        extra_args=None if ratio is None else {"fastkvzip_ratio": ratio},
+        max_tokens=steps, temperature=0, ignore_eos=True, logprobs=1, detokenize=False, extra_args=extra or None
     )
 
 
-def generate(llm, prompts, ratios, steps: int = STEPS):
-    """(tokens, logprobs) per prompt, and the events the run wrote."""
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], [sampling(r, steps) for r in ratios])
+def generate(llm, prompts, ratios, budgets=None, steps: int = STEPS):
+    """(tokens, logprobs) per prompt."""
+    budgets = budgets or [None] * len(prompts)
+    params = [sampling(ratio, budget, steps) for ratio, budget in zip(ratios, budgets)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     results = []
     for output in outputs:
         completion = output.outputs[0]
@@ -67,30 +69,36 @@ def generate(llm, prompts, ratios, steps: int = STEPS):
     return results
 
 
-def run(engine, prompts, ratios, steps: int = STEPS):
+def run(engine, prompts, ratios, budgets=None, steps: int = STEPS):
+    """(tokens, logprobs) per prompt, and the events the run wrote."""
     arch, llm, model, bank, events, settings = engine
     since = time.time()
-    results = generate(llm, prompts, ratios, steps)
+    results = generate(llm, prompts, ratios, budgets, steps)
     return results, read_events(events, since=since)
 
 
-def test_tokens_and_kept_pairs_equal_the_transformers_reference(engine):
+def test_tokens_and_kept_pairs_equal_the_transformers_reference_under_either_budget(engine):
     arch, llm, model, bank, events, settings = engine
-    prompts = distinct_prompts([300, 200, 100, 150])
-    ratios = [0.5, 0.75, 0.0, None]
-    results, log = run(engine, prompts, ratios)
-    kept_by_length = {e["prompt_tokens"]: e["kept_indices"] for e in log if e["event"] == "worker_compaction"}
-    for prompt, ratio, (tokens, logprobs) in zip(prompts, ratios, results):
+    prompts = distinct_prompts([300, 200, 100, 150, 250])
+    ratios = [0.5, 0.75, 0.0, None, 0.75]
+    budgets = [None, "global", None, "uniform", "uniform"]
+    results, log = run(engine, prompts, ratios, budgets)
+    kept_by_length = {e["prompt_tokens"]: e for e in log if e["event"] == "worker_compaction"}
+    for prompt, ratio, budget, (tokens, logprobs) in zip(prompts, ratios, budgets, results):
         effective = settings.ratio if ratio is None else ratio
-        reference = greedy_reference(model, bank, prompt, effective, STEPS, settings)
-        assert tokens == reference.tokens, (arch, len(prompt), effective)
+        budget = budget or settings.budget
+        reference = greedy_reference(model, bank, prompt, effective, STEPS, settings, budget=budget)
+        assert tokens == reference.tokens, (arch, len(prompt), effective, budget)
         assert max(abs(a - b) for a, b in zip(logprobs, reference.logprobs)) < 1e-4
-        if effective:
-            assert kept_by_length[len(prompt)] == reference.kept_indices.tolist()
-            heads = reference.kept_indices
-            assert not (heads[:, 0] == heads[:, 1]).all(), "each head chooses its own tokens"
-        else:
+        if not effective:
             assert len(prompt) not in kept_by_length
+            continue
+        record = kept_by_length[len(prompt)]
+        assert record["budget"] == budget
+        assert record["kept_indices"] == reference.kept_indices, "each head keeps the reference's pairs"
+        counts = {len(head) for layer in reference.kept_indices for head in layer}
+        assert (len(counts) == 1) == (budget == "uniform"), "under the global budget heads keep their own counts"
+        assert record["kept_per_head"] == [[len(head) for head in layer] for layer in reference.kept_indices]
 
 
 def test_compression_changes_only_the_requests_that_ask(engine):
@@ -103,28 +111,32 @@ def test_compression_changes_only_the_requests_that_ask(engine):
     assert [e["prompt_tokens"] for e in log if e["event"] == "compaction"] == [300]
 
 
-def test_blocks_past_the_kept_tokens_return_to_the_pool(engine):
+@pytest.mark.parametrize("budget", ["global", "uniform"])
+def test_blocks_follow_the_kept_pairs_and_return_to_the_pool(engine, budget):
+    """After its prompt is compacted a request holds at most its kept pairs' share of blocks plus one, never less
+    than its heads' single-head blocks need; every block is back once the requests finish."""
     arch, llm, model, bank, events, settings = engine
     prompts = distinct_prompts([300, 200, 64], seed=2)
-    _, log = run(engine, prompts, [0.5, 0.75, 0.5])
+    _, log = run(engine, prompts, [0.5, 0.75, 0.5], [budget] * 3)
     compactions = {e["prompt_tokens"]: e for e in log if e["event"] == "compaction"}
+    stored = {e["prompt_tokens"]: e for e in log if e["event"] == "worker_compaction"}
     for length, ratio in ((300, 0.5), (200, 0.75), (64, 0.5)):
-        schedule = settings.schedule(length, ratio)
-        # before the last compaction: the whole prompt, or (chunked) what the one before stored and the last chunk
-        before = schedule.peak_tokens(schedule.ends[-2]) if len(schedule.ends) > 1 else length
-        assert compactions[length]["kept_tokens"] == schedule.kept_tokens == settings.kept_tokens(length, ratio)
-        assert compactions[length]["blocks_before"] == cdiv(before, BLOCK_SIZE)
-        assert compactions[length]["blocks_after"] == cdiv(schedule.kept_tokens, BLOCK_SIZE)
-    chunked = [e for e in log if e["event"] == "chunk_compaction"]
-    assert len(chunked) == (0 if settings.chunk_size is None else 4 + 3)  # 300 and 200 tokens in chunks of 64
-    assert all(e["blocks_after"] == cdiv(e["kept_tokens"], BLOCK_SIZE) for e in chunked)
+        schedule = settings.schedule(length, settings.request({"fastkvzip_ratio": ratio, "fastkvzip_budget": budget}),
+                                     HEADS, BLOCK_SIZE)  # fmt: skip
+        record = compactions[length]
+        assert record["kept_pairs"] == schedule.kept_pairs == stored[length]["kept_pairs"]
+        share = cdiv(schedule.kept_pairs, HEADS * BLOCK_SIZE)
+        assert record["blocks_after"] <= share + 1
+        assert stored[length]["head_blocks"] <= HEADS * record["blocks_after"]
+        if length > 100:
+            assert record["blocks_after"] < cdiv(length, BLOCK_SIZE)
     steps = [e for e in log if e["event"] == "scheduler_step"]
     assert steps[-1]["free_blocks"] == POOL_BLOCKS - 1, "every block is back once the requests finish"
 
 
 def test_a_pool_too_small_for_four_full_requests_runs_them_together_once_compressed(engine):
     prompts = distinct_prompts([300] * 4, seed=3)
-    full_tokens, full_log = run(engine, prompts, [0.0] * 4)
+    _, full_log = run(engine, prompts, [0.0] * 4)
     _, compressed_log = run(engine, prompts, [0.75] * 4)
 
     def most_running(log):
@@ -140,32 +152,42 @@ def test_chunk_by_chunk_compaction_admits_requests_whose_whole_prompt_would_not_
     64 tokens, only its largest footprint."""
     arch, llm, model, bank, events, settings = engine
     prompts = distinct_prompts([300] * 6, seed=7)
-    results, log = run(engine, prompts, [0.75] * 6)
+    results, log = run(engine, prompts, [0.75] * 6, ["uniform"] * 6)
     running = max(e["running"] for e in log if e["event"] == "scheduler_step")
-    schedule = settings.schedule(300, 0.75)
+    schedule = settings.schedule(300, settings.request({"fastkvzip_ratio": 0.75, "fastkvzip_budget": "uniform"}),
+                                 HEADS, BLOCK_SIZE)  # fmt: skip
     footprint = cdiv(schedule.peak_tokens(0), BLOCK_SIZE)
-    stored = cdiv(schedule.kept_tokens + STEPS, BLOCK_SIZE)
-    assert (
-        6 * stored < POOL_BLOCKS - 1 < 5 * stored + cdiv(300, BLOCK_SIZE)
-    )  # six fit compacted, not with a whole prompt
+    stored = cdiv(schedule.reserved_tokens(300) + STEPS, BLOCK_SIZE)
+    assert 6 * stored < POOL_BLOCKS - 1 < 5 * stored + cdiv(300, BLOCK_SIZE)  # six fit compacted, not with a prompt
     assert settings.chunk_size is None or 5 * stored + footprint <= POOL_BLOCKS - 1
     if settings.chunk_size:
         assert running == 6, (arch, running)
     else:
         assert running < 6, (arch, running)  # 4 measured
     for prompt, (tokens, _) in zip(prompts, results):
-        assert tokens == greedy_reference(model, bank, prompt, 0.75, STEPS, settings).tokens
+        assert tokens == greedy_reference(model, bank, prompt, 0.75, STEPS, settings, budget="uniform").tokens
 
 
-def test_bad_settings_are_refused_and_the_engine_keeps_serving(engine):
+@pytest.mark.parametrize(
+    ("extra_args", "message"),
+    [
+        ({"fastkvzip_ratio": 1.5}, "must be in [0, 1)"),
+        ({"fastkvzip_ratio": "half"}, "must be a number"),
+        ({"fastkvzip_ratio": -0.1}, "must be in [0, 1)"),
+        ({"fastkvzip_budget": "layerwise"}, "must be one of ['global', 'uniform']"),
+        ({"fastkvzip_ratoi": 0.5}, "unknown Fast KVzip request setting(s) ['fastkvzip_ratoi']"),
+    ],
+)
+def test_bad_settings_are_refused_and_the_engine_keeps_serving(engine, extra_args, message):
+    from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
     arch, llm, model, bank, events, settings = engine
     prompt = distinct_prompts([100], seed=4)
-    for bad, message in ((1.5, "must be in [0, 1)"), ("half", "must be a number"), (-0.1, "must be in [0, 1)")):
-        with pytest.raises(VLLMValidationError, match="fastkvzip_ratio") as error:
-            generate(llm, prompt, [bad])
-        assert message in str(error.value)
+    params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, detokenize=False, extra_args=extra_args)
+    with pytest.raises(VLLMValidationError) as error:
+        llm.generate([{"prompt_token_ids": prompt[0]}], params, use_tqdm=False)
+    assert message in str(error.value)
     ((tokens, _),) = generate(llm, prompt, [0.0])
     assert tokens == greedy_reference(model, bank, prompt[0], 0.0, STEPS).tokens
 
@@ -173,20 +195,65 @@ def test_bad_settings_are_refused_and_the_engine_keeps_serving(engine):
 def test_a_preempted_request_is_recomputed_and_compacted_again(engine):
     arch, llm, model, bank, events, settings = engine
     prompts = distinct_prompts([300] * 4, seed=5)
-    # Each compacted request grows past its 5 kept blocks while decoding, so the pool runs out and vLLM preempts.
-    results, log = run(engine, prompts, [0.5] * 4, steps=200)
+    # Each compacted request grows past its kept blocks while decoding, so the pool runs out and vLLM preempts.
+    results, log = run(engine, prompts, [0.5] * 4, ["global"] * 4, steps=200)
     preempted = {e["request"] for e in log if e["event"] == "preemption"}
     assert preempted, "the pool is meant to run out"
-    compactions = [e["request"] for e in log if e["event"] == "compaction"]
-    assert all(compactions.count(request) == 2 for request in preempted)
-    assert all(len(tokens) == 200 for tokens, _ in results)
+    for request in preempted:  # recomputed from its first token and compacted again (also if preempted mid-prefill)
+        last_preemption = max(e["time"] for e in log if e["event"] == "preemption" and e["request"] == request)
+        assert any(e["time"] > last_preemption for e in log if e["event"] == "compaction" and e["request"] == request)
+    for prompt, (tokens, _) in zip(prompts, results):
+        assert tokens == greedy_reference(model, bank, prompt, 0.5, 200, settings, budget="global").tokens
     assert [e for e in log if e["event"] == "scheduler_step"][-1]["free_blocks"] == POOL_BLOCKS - 1
 
 
 def test_a_prompt_within_sink_and_window_is_kept_whole(engine):
     arch, llm, model, bank, events, settings = engine
     prompt = distinct_prompts([5], seed=6)
-    assert settings.kept_tokens(5, 0.5) == 5  # 4 sink tokens and a window of at least one
+    assert settings.schedule(5, settings.request({"fastkvzip_ratio": 0.5}), HEADS, BLOCK_SIZE) is None
     [(tokens, _)], log = run(engine, prompt, [0.5])
     assert tokens == greedy_reference(model, bank, prompt[0], 0.5, STEPS, settings).tokens
     assert not [e for e in log if e["event"] in ("compaction", "worker_compaction")]
+
+
+def test_random_traffic_with_aborts_and_preemptions_never_oversubscribes_the_pool(engine):
+    """Requests of random lengths, ratios and budgets arrive while others decode; some are aborted mid-way and the
+    small pool forces preemptions. The worker checks after every step that each request's heads hold no more than its
+    scheduler blocks stand for (the engine stops otherwise), and every block comes back."""
+    import numpy as np
+    from vllm import SamplingParams
+
+    arch, llm, model, bank, events, settings = engine
+    engine_core = llm.llm_engine
+    rng = np.random.default_rng(11)
+    since = time.time()
+    pending = [(f"traffic-{i}", int(rng.integers(40, 400))) for i in range(24)]
+    prompts = dict(zip((name for name, _ in pending), distinct_prompts([length for _, length in pending], seed=12)))
+    live, finished, aborted, steps = set(), set(), set(), 0
+    while pending or engine_core.has_unfinished_requests():
+        for _ in range(int(rng.integers(0, 3))):
+            if pending:
+                name, _ = pending.pop()
+                extra = {"fastkvzip_ratio": float(rng.choice([0.0, 0.5, 0.75])),
+                         "fastkvzip_budget": str(rng.choice(["global", "uniform"]))}  # fmt: skip
+                params = SamplingParams(max_tokens=int(rng.integers(1, 60)), temperature=0, ignore_eos=True,
+                                        detokenize=False, extra_args=extra)  # fmt: skip
+                engine_core.add_request(name, {"prompt_token_ids": prompts[name]}, params)
+                live.add(name)
+        if live and rng.random() < 0.1:
+            victim = sorted(live)[int(rng.integers(len(live)))]
+            engine_core.abort_request([victim])
+            live.discard(victim)
+            aborted.add(victim)
+        if not engine_core.has_unfinished_requests():
+            continue  # nothing to run until the next arrival (a step would wait for output)
+        for output in engine_core.step():
+            if output.finished:
+                live.discard(output.request_id)
+                finished.add(output.request_id)
+        steps += 1
+        assert steps < 5000
+    log = read_events(events, since=since)
+    assert aborted and len(finished | aborted) == 24 and not live
+    assert any(e["event"] == "compaction" for e in log)
+    assert [e for e in log if e["event"] == "scheduler_step"][-1]["free_blocks"] == POOL_BLOCKS - 1

