@@ -76,7 +76,7 @@ class LoadedCache:
         _require_model(model)
         problem = model_mismatch(self.header, model.config, self.allow_other_model)
         if problem is not None:
-            raise ValueError(f"the loaded context {problem}")
+            raise ValueError(f"the loaded cache {problem}")
 
     def check_continuation(self, input_ids: torch.Tensor) -> None:
         """Refuse ``input_ids [B, n]`` that do not continue this context: they must be the context's ids (checked
