@@ -30,7 +30,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         example=EXAMPLE,
         other_model=True,
     )
-    command.add_argument("--dataset", choices=DATASETS, default="ruler-local", help="(default: ruler-local)")
+    command.add_argument(
+        "--dataset", choices=DATASETS, default="ruler-local", help="which generated dataset (default: ruler-local)"
+    )
     command.add_argument(
         "--data-dir",
         type=integer(64),

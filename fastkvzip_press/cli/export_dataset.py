@@ -18,7 +18,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         summary="write a generated dataset as parquet for kvpress's evaluate.py",
         example=EXAMPLE,
     )
-    command.add_argument("--dataset", choices=DATASETS, default="ruler-local", help="(default: ruler-local)")
+    command.add_argument(
+        "--dataset", choices=DATASETS, default="ruler-local", help="which generated dataset (default: ruler-local)"
+    )
     command.add_argument(
         "--data-dir",
         type=integer(64),
