@@ -96,7 +96,11 @@ def _is_count(value, minimum: int = 0, maximum: int | None = None) -> bool:
 
 
 def _finite(tensor: torch.Tensor) -> bool:
-    return bool(torch.isfinite(tensor).all())
+    """No NaN nor infinity in ``tensor``: NaN propagates to its min and max (one pass, no mask as large as it)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def check_layer(index: int, description: dict, tensors: dict[str, torch.Tensor], geometry: Geometry) -> int:
