@@ -100,7 +100,7 @@ def measure(model, tokenizer, row, args, folder: Path) -> list[dict]:
             size = save_cache(cache, path, model, context_ids=context_ids, press=press)
             saves.append(time.perf_counter() - start)
         loads, firsts = zip(*(first_token_from_file(model, path, question_ids) for _ in range(args.repeats)))
-        right_away = LoadedCache(cache, {"context_tokens": n_tokens})
+        right_away = LoadedCache.of(cache, model, context_ids)
         now = answer_questions(model, right_away, [question_ids], args.max_new_tokens)
         later = answer_questions(model, load_cache(path, model), [question_ids], args.max_new_tokens)
         answer = tokenizer.decode(later[0], skip_special_tokens=True).strip()

@@ -34,7 +34,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from fastkvzip_press.gates.atomic import atomic_write
+from fastkvzip_press.gates.atomic import atomic_write, folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     """
     target = default_model_dir(cache_dir)
     if not (target / "config.json").exists():
+        _check_cache_folder(target, cache_dir)  # before a conversion of about a minute, not after it
         return convert_default_model(target)
     try:
         if name_fast_tokenizer(target):
@@ -124,6 +125,24 @@ def ensure_default_model(cache_dir: str | Path | None = None) -> Path:
     except OSError as error:  # a read-only cache still loads under transformers 5.2
         logger.warning("could not repair the tokenizer class in %s: %s", target, error)
     return target
+
+
+def _check_cache_folder(target: Path, cache_dir: str | Path | None) -> None:
+    """Refuse a folder the converted default model cannot be written to, naming where it came from."""
+    problem = f"{target} is a file" if target.exists() and not target.is_dir() else folder_problem(target.parent)
+    if problem is None:
+        return
+    if cache_dir is not None:
+        source = f"the model cache folder {cache_dir} (--model-cache)"
+    elif os.environ.get(CACHE_ENV):
+        source = f"{CACHE_ENV}={os.environ[CACHE_ENV]}"
+    else:
+        source = f"the default cache folder {cache_root()}"
+    reason = problem.removeprefix("cannot be written: ")
+    raise ValueError(
+        f"the default model cannot be converted into {target} ({reason}): {source} must name a writable folder "
+        f"(set {CACHE_ENV} or --model-cache to one)"
+    )
 
 
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:

@@ -1,78 +1,134 @@
 """Compress once, answer later: a compressed context saved to a file and loaded in another process, no prefill.
 
-A cache file is safetensors (never pickle): the tensors of :mod:`fastkvzip_press.cache.stored` and a JSON header
-under the metadata key :data:`HEADER_KEY`: format and version, the model's id and a digest of its architecture, the
-dtype, the context's token count and a digest of its token ids, the press and the digest of its gates, and one
-description per layer. Writes go through a temporary file and a rename, so a killed save leaves nothing partial.
+The file format is the core's (:mod:`fastkvzip_press.cache.cache_file`: safetensors + JSON header, every count and
+tensor checked before a cache is built); a masked context's positions are saved and put back by
+:mod:`fastkvzip_press.presses.compaction`. This module checks the arguments and ties the two together:
+:func:`save_cache`, :func:`read_header`, :func:`load_cache`, :func:`answer_questions`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+from tqdm.auto import tqdm
+from transformers import Cache, DynamicCache, PreTrainedModel
 
-from fastkvzip_press.cache import RaggedLayer, enable_ragged_attention, kv_cache_bytes
-from fastkvzip_press.cache.stored import LAYER_KINDS, cache_from_tensors, cache_tensors
-from fastkvzip_press.gates.atomic import atomic_write
-from fastkvzip_press.gates.gate import model_name
-from fastkvzip_press.gates.layout import ModelLayout, decoder_layers
-
-FORMAT = "fastkvzip-press cache"
-FORMAT_VERSION = 1
-HEADER_KEY = "fastkvzip_cache"
-# Architecture fields a cache depends on (the digest leaves out names, paths and generation settings).
-CONFIG_FIELDS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rope_theta",
-    "rope_parameters",
-    "rope_scaling",
-    "max_position_embeddings",
-    "sliding_window",
-    "layer_types",
-    "rms_norm_eps",
+from fastkvzip_press.cache import RaggedLayer, enable_ragged_attention
+from fastkvzip_press.cache.cache_file import (
+    FORMAT_VERSION,
+    HEADER_KEY,
+    CacheFileError,
+    config_digest,
+    load_cache_file,
+    make_header,
+    model_mismatch,
+    read_header,
+    token_ids_digest,
+    write_cache_file,
 )
+from fastkvzip_press.cache.stored import cache_batch_size, cache_tensors, check_layers
+from fastkvzip_press.checks import KnobTypeError, require_bool, require_int
+from fastkvzip_press.gates.atomic import target_problem
+from fastkvzip_press.presses.compaction import masked_keys, restore_masked_keys
 
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_KEY",
+    "CacheFileError",
+    "LoadedCache",
+    "answer_questions",
+    "config_digest",
+    "load_cache",
+    "read_header",
+    "save_cache",
+    "token_ids_digest",
+]
 
-class CacheFileError(ValueError):
-    """A cache file that cannot be used: missing, not one, damaged, newer, or made for another model or dtype."""
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedCache:
-    """A cache read back from a file, ready for ``model.generate(past_key_values=cache)``, and its header."""
+    """A context's cache ready to continue (``cache``), its header, and whether it may run on a model of another id
+    (``allow_other_model``, as given to :func:`load_cache`)."""
 
     cache: DynamicCache
     header: dict
+    allow_other_model: bool = False
 
     @property
     def context_tokens(self) -> int:
         return self.header["context_tokens"]
 
+    @classmethod
+    def of(cls, cache: DynamicCache, model: PreTrainedModel, context_ids: torch.Tensor | None = None) -> LoadedCache:
+        """A context prefilled in this process, answered like a loaded one (no file)."""
+        dtype = next(model.parameters()).dtype
+        return cls(cache, make_header(cache, model.config, [], dtype=dtype, context_ids=context_ids))
 
-def config_digest(config: PretrainedConfig) -> str:
-    """A short hash of the architecture fields a cache depends on."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    fields = {name: getattr(text, name, None) for name in CONFIG_FIELDS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def check_model(self, model: PreTrainedModel) -> None:
+        """Refuse a model other than the one the context was loaded for (by id and architecture)."""
+        _require_model(model)
+        problem = model_mismatch(self.header, model.config, self.allow_other_model)
+        if problem is not None:
+            raise ValueError(f"the loaded cache {problem}")
+
+    def check_continuation(self, input_ids: torch.Tensor) -> None:
+        """Refuse ``input_ids [B, n]`` that do not continue this context: they must be the context's ids (checked
+        against the saved digest where the file has one) followed by at least one new token per sequence."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise KnobTypeError("input_ids must be a [B, n] tensor of token ids (the context's, then the new ones)")
+        held, batch = self.cache.get_seq_length(), cache_batch_size(self.cache)
+        if input_ids.shape[0] != batch:
+            raise ValueError(f"input_ids hold {input_ids.shape[0]} sequences, the loaded context {batch}")
+        if input_ids.shape[1] <= held:
+            raise ValueError(
+                f"input_ids hold {input_ids.shape[1]} tokens, the loaded cache {held}: pass the context's ids followed "
+                "by the new ones, e.g. torch.cat([context_ids, question_ids], dim=1)"
+            )
+        digest = self.header.get("token_ids_digest")
+        if digest is not None and token_ids_digest(input_ids[:, : self.context_tokens]) != digest:
+            raise ValueError(
+                f"the first {self.context_tokens} input_ids are not the saved context's tokens (their digest differs): "
+                "pass the ids the context was compressed from, then the new ones"
+            )
+
+    def generate(self, model: PreTrainedModel, input_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+        """``model.generate`` continuing this context, after :meth:`check_model` and :meth:`check_continuation`
+        (the cache then holds the new tokens too, as with ``model.generate``)."""
+        self.check_model(model)
+        self.check_continuation(input_ids)
+        return model.generate(input_ids, past_key_values=self.cache, **generate_kwargs)
 
 
-def token_ids_digest(token_ids: torch.Tensor | list[int]) -> str:
-    ids = torch.as_tensor(token_ids, dtype=torch.int64).cpu().contiguous()
-    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+def _require_model(model) -> None:
+    if not isinstance(model, PreTrainedModel):
+        raise KnobTypeError(f"model must be the loaded transformers model of the context, got {type(model).__name__}")
+
+
+def _check_save_arguments(cache, path, model) -> None:
+    if not isinstance(cache, Cache):
+        raise KnobTypeError(
+            f"cache must be a transformers Cache (the DynamicCache of a context's prefill), got {type(cache).__name__}"
+        )
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        raise KnobTypeError(f"path must be a file path (str or Path), got {path!r}")
+    _require_model(model)
+
+
+def _check_context_ids(context_ids, cache: Cache) -> None:
+    if context_ids is None:
+        return
+    ids = torch.as_tensor(context_ids) if isinstance(context_ids, list) else context_ids
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dim() not in (1, 2):
+        raise KnobTypeError("context_ids must be the context's token ids, [B, T] or [T] integers")
+    if ids.shape[-1] != cache.get_seq_length():
+        raise ValueError(f"context_ids hold {ids.shape[-1]} tokens, the cache {cache.get_seq_length()}")
 
 
 def save_cache(
@@ -86,202 +142,212 @@ def save_cache(
     """Write ``cache`` (a context's, right after its prefill) to ``path``; returns the file's size in bytes.
 
     ``context_ids`` (``[B, T]`` or ``[T]``) are the context's tokens, recorded as a digest; ``press`` the press that
-    compressed it (its settings and the digest of its gates go into the header).
+    compressed it (its settings and the digest of its gates go into the header). The cache must fit ``model``
+    (layers, KV heads, head size, positions, finite values) and the model must have a name, or nothing is written.
     """
+    _check_save_arguments(cache, path, model)
     path = Path(path)
-    if path.is_dir():
-        raise CacheFileError(f"{path} is a folder; give a file path for the cache (e.g. doc.kvz)")
+    problem = target_problem(path)
+    if problem is not None:
+        raise CacheFileError(f"{path} {problem}; give a file path for the cache (e.g. doc.kvz)")
+    if not cache.layers or cache.get_seq_length() == 0:
+        raise ValueError("cache holds no context yet: save it right after the context's prefill")
+    _check_context_ids(context_ids, cache)
+    if not (getattr(model.config, "name_or_path", "") or "").strip():
+        raise ValueError("the model has no name (model.config.name_or_path), which a cache file records: set it")
     tensors, layers = cache_tensors(cache)
-    _store_masks(model, tensors, layers)
+    for index, indices in masked_keys(model).items():
+        if index < len(layers) and layers[index]["kind"] != "ragged":
+            tensors[f"layers.{index}.masked"] = indices
+            layers[index]["masked"] = True
+    try:
+        check_layers(tensors, layers, model.config)
+    except ValueError as error:
+        raise ValueError(f"this cache does not fit the model {model.config.name_or_path!r}: {error}") from None
     bank = getattr(press, "gate_bank", None)
-    header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_id": ModelLayout.from_model(model).model_id,
-        "config_digest": config_digest(model.config),
-        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-        "context_tokens": cache.get_seq_length(),
-        "token_ids_digest": None if context_ids is None else token_ids_digest(context_ids),
-        "press": None if press is None else str(press),
-        "gates_digest": None if bank is None else bank.digest(),
-        "stored_bytes": kv_cache_bytes(cache),
-        "layers": layers,
-    }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)}))
-    return path.stat().st_size
+    header = make_header(
+        cache,
+        model.config,
+        layers,
+        dtype=tensors["layers.0.keys"].dtype,
+        context_ids=context_ids,
+        press=None if press is None else str(press),
+        gates_digest=None if bank is None else bank.digest(),
+    )
+    return write_cache_file(path, tensors, header)
 
 
-def read_header(path: str | Path) -> dict:
-    """The header of a cache file, after checking that it is one this version reads."""
-    path = Path(path)
-    if path.is_dir():
-        raise CacheFileError(f"{path} is a folder, not a cache file")
-    if not path.exists():
-        raise CacheFileError(f"cache file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CacheFileError(f"{path} is not a readable cache file (truncated or not safetensors): {error}") from None
-    if HEADER_KEY not in metadata:
-        raise CacheFileError(f"{path} is a safetensors file but not a fastkvzip-press cache (no {HEADER_KEY} header)")
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except json.JSONDecodeError as error:
-        raise CacheFileError(f"{path} has a damaged header: {error}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CacheFileError(
-            f"{path} has a damaged header (format {header.get('format') if isinstance(header, dict) else header!r})"
+def _load_dtype(dtype, model: PreTrainedModel) -> torch.dtype | None:
+    """``dtype`` (a torch dtype or its name) when it is the model's: the only conversion that can run."""
+    if dtype is None:
+        return None
+    model_dtype = next(model.parameters()).dtype
+    named = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(named, torch.dtype):
+        name = str(model_dtype).removeprefix("torch.")
+        raise KnobTypeError(
+            f"dtype must be a torch dtype (e.g. {model_dtype}) or its name (e.g. {name!r}), got {dtype!r}"
         )
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CacheFileError(
-            f"{path} was written in cache format {version!r}; this version of fastkvzip-press reads format "
-            f"{FORMAT_VERSION} and older: upgrade fastkvzip-press"
+    if named != model_dtype:
+        raise ValueError(
+            f"dtype={named} cannot run: keys and values must be in the model's dtype ({model_dtype}); pass "
+            f"dtype={model_dtype} (or None when the file holds {model_dtype} already)"
         )
-    layers = header.get("layers")
-    if not isinstance(layers, list) or not all(isinstance(x, dict) and x.get("kind") in LAYER_KINDS for x in layers):
-        raise CacheFileError(f"{path} has a damaged header (layer descriptions)")
-    return header
+    return named
 
 
 def load_cache(
     path: str | Path,
     model: PreTrainedModel,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     allow_other_model: bool = False,
 ) -> LoadedCache:
     """Read a cache written by :func:`save_cache` for ``model``, on the model's device.
 
-    Refused with :class:`CacheFileError`: another model (by id; ``allow_other_model`` for the same weights under
-    another name) or architecture, a dtype other than the model's unless ``dtype`` asks for a conversion, a newer
-    format, a damaged file.
+    Refused with :class:`CacheFileError` before anything is built: another model (by id; ``allow_other_model`` for
+    the same weights under another name) or architecture, a dtype other than the model's unless ``dtype`` (the
+    model's dtype, or its name) asks for a conversion, a newer format, a damaged file (any count or tensor that does
+    not fit the others or the model, NaN or infinite values). Bad arguments raise ``ValueError``.
     """
+    _require_model(model)
+    require_bool("allow_other_model", allow_other_model)
+    dtype = _load_dtype(dtype, model)
     header = read_header(path)
-    layout = ModelLayout.from_model(model)
-    theirs = header.get("model_id") or ""
-    if theirs and layout.model_id and model_name(theirs) != model_name(layout.model_id) and not allow_other_model:
-        raise CacheFileError(
-            f"{path} holds a context of model {theirs!r}, not {layout.model_id!r}; load it with that model "
-            "(allow_other_model=True if the two names are the same weights)"
-        )
-    if header.get("config_digest") != config_digest(model.config):
-        raise CacheFileError(f"{path} was written for another architecture than {layout.model_id!r}'s configuration")
-    stored = getattr(torch, str(header.get("dtype")), None)
+    problem = model_mismatch(header, model.config, allow_other_model)
+    if problem is not None:
+        raise CacheFileError(f"{path} {problem}")
     model_dtype = next(model.parameters()).dtype
-    if dtype is None and stored != model_dtype:
+    if dtype is None and header["dtype"] != str(model_dtype).removeprefix("torch."):
         raise CacheFileError(
-            f"{path} holds {header.get('dtype')} keys and values, the model runs in "
+            f"{path} holds {header['dtype']} keys and values, the model runs in "
             f"{str(model_dtype).removeprefix('torch.')}: pass dtype={model_dtype} to convert them"
         )
-    try:
-        tensors = load_file(str(path))
-        cache = cache_from_tensors(tensors, header["layers"], model.config, next(model.parameters()).device)
-    except (SafetensorError, OSError, KeyError, IndexError, RuntimeError, ValueError, TypeError) as error:
-        raise CacheFileError(f"{path} is damaged: its tensors do not match its header ({error})") from None
-    _check_consistent(path, cache, header)
-    _restore_masks(path, model, tensors, header["layers"], cache)
+    device = next(model.parameters()).device
+    cache, tensors = load_cache_file(path, header, model.config, device)
+    masks = {i: tensors[f"layers.{i}.masked"] for i, layer in enumerate(header["layers"]) if layer.get("masked")}
+    restore_masked_keys(model, masks, device)
     if dtype is not None:
         _cast(cache, dtype)
     if any(isinstance(layer, RaggedLayer) for layer in cache.layers):
         enable_ragged_attention(model)
-    return LoadedCache(cache, header)
-
-
-def _store_masks(model: PreTrainedModel, tensors: dict[str, torch.Tensor], layers: list[dict]) -> None:
-    """A masked press's eviction lives on the attention modules (kvpress's ``masked_key_indices``, set by the
-    context's prefill): store it beside each dense layer as ``[3, K]`` (sequence, head, position) indices."""
-    modules = decoder_layers(model)
-    for index, description in enumerate(layers):
-        indices = getattr(modules[index].self_attn, "masked_key_indices", None) if index < len(modules) else None
-        if description["kind"] != "ragged" and indices is not None:
-            tensors[f"layers.{index}.masked"] = torch.stack([t.to("cpu", torch.int64) for t in indices])
-            description["masked"] = True
-
-
-def _restore_masks(
-    path: str | Path, model: PreTrainedModel, tensors: dict[str, torch.Tensor], layers: list[dict], cache
-) -> None:
-    """Put a masked context's indices back on the attention modules (kvpress's attention patch reads them until the
-    next prefill); clear stale ones elsewhere."""
-    modules = decoder_layers(model)
-    masked = [index for index, description in enumerate(layers) if description.get("masked")]
-    from fastkvzip_press.presses.compaction import restore_masked_keys  # imports kvpress, which patches attention
-
-    for index, module in enumerate(modules):
-        if index not in masked:
-            if getattr(module.self_attn, "masked_key_indices", None) is not None:
-                restore_masked_keys(module.self_attn, None)
-            continue
-        indices = tensors.get(f"layers.{index}.masked")
-        shape = cache.layers[index].keys.shape[:3]
-        valid = (
-            indices is not None
-            and indices.dtype == torch.int64
-            and indices.dim() == 2
-            and indices.shape[0] == 3
-            and bool(((indices >= 0) & (indices < torch.tensor(shape)[:, None])).all())
-        )
-        if not valid:
-            raise CacheFileError(f"{path} is damaged: layer {index}'s masked positions do not fit its keys")
-        device = cache.layers[index].keys.device
-        restore_masked_keys(module.self_attn, tuple(row.to(device) for row in indices))
-
-
-def _check_consistent(path: str | Path, cache: DynamicCache, header: dict) -> None:
-    """Every layer holds the header's context, and every ragged layer the same sequences' padding."""
-    tokens = header.get("context_tokens")
-    lengths = {layer.get_seq_length() for layer in cache.layers}
-    if lengths != {tokens}:
-        raise CacheFileError(f"{path} is damaged: its layers hold {sorted(lengths)} tokens, its header {tokens!r}")
-    padding = {tuple(layer.pad_tokens) for layer in cache.layers if isinstance(layer, RaggedLayer)}
-    if len(padding) > 1:
-        raise CacheFileError(f"{path} is damaged: its layers disagree on each sequence's padding")
+    return LoadedCache(cache, header, allow_other_model)
 
 
 def _cast(cache: DynamicCache, dtype: torch.dtype) -> None:
     for layer in cache.layers:
         if isinstance(layer, RaggedLayer):
             layer.key_buffer, layer.value_buffer = layer.key_buffer.to(dtype), layer.value_buffer.to(dtype)
-            layer.dtype = dtype
         else:
             layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
-            layer.dtype = dtype
+        layer.dtype = dtype
+
+
+def _question_tensors(question_ids, vocab_size: int, device: torch.device) -> list[torch.Tensor]:
+    """Each question as ``[1, q]`` int64 on ``device``; a question is a ``[q]`` or ``[1, q]`` tensor of token ids or
+    a list of ints. Anything else is refused naming the question."""
+    if (
+        isinstance(question_ids, torch.Tensor)
+        or not isinstance(question_ids, Sequence)
+        or isinstance(question_ids, str)
+    ):
+        raise KnobTypeError(
+            "question_ids must be a list of questions (each a [1, q] or [q] tensor of token ids, or a list of ints), "
+            f"got {type(question_ids).__name__}; pass [ids] for one question"
+        )
+    if question_ids and all(isinstance(q, int) and not isinstance(q, bool) for q in question_ids):
+        raise KnobTypeError("question_ids is a list of questions, got a list of ints: pass [ids] for one question")
+    questions = []
+    for i, question in enumerate(question_ids):
+        if isinstance(question, list | tuple):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in question):
+                raise KnobTypeError(f"question {i} must hold integer token ids, got {question!r}")
+            question = torch.tensor(question, dtype=torch.int64)
+        if not isinstance(question, torch.Tensor):
+            raise KnobTypeError(f"question {i} must be a tensor of token ids or a list of ints, got {question!r}")
+        if question.is_floating_point() or question.is_complex() or question.dtype == torch.bool:
+            raise KnobTypeError(f"question {i} holds {question.dtype} values; token ids are integers")
+        if question.dim() not in (1, 2) or (question.dim() == 2 and question.shape[0] != 1):
+            raise ValueError(
+                f"question {i} has shape {tuple(question.shape)}: each question is [1, q] or [q] (one sequence); "
+                "pass several questions as a list"
+            )
+        if question.numel() == 0:
+            raise ValueError(f"question {i} is empty: give at least one token")
+        if int(question.min()) < 0 or int(question.max()) >= vocab_size:
+            bad = int(question.min()) if int(question.min()) < 0 else int(question.max())
+            raise ValueError(f"question {i} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+        questions.append(question.to(device, torch.int64).view(1, -1))
+    return questions
+
+
+class _Rollback:
+    """Puts a cache back to the context it held when made: each layer cropped, sliding-window layers restored."""
+
+    def __init__(self, cache: DynamicCache) -> None:
+        self.cache = cache
+        self.length = cache.get_seq_length()
+        self.sliding = {
+            i: (layer.keys, layer.values, layer.cumulative_length)
+            for i, layer in enumerate(cache.layers)
+            if getattr(layer, "is_sliding", False)
+        }
+
+    def __call__(self) -> None:
+        for index, layer in enumerate(self.cache.layers):
+            if index in self.sliding:
+                layer.keys, layer.values, layer.cumulative_length = self.sliding[index]
+            else:
+                layer.crop(self.length)
+
+
+def _greedy_answer(model: PreTrainedModel, cache: DynamicCache, question: torch.Tensor, limit: int, stop) -> list[int]:
+    logits = model(input_ids=question, past_key_values=cache, use_cache=True).logits[:, -1]
+    tokens: list[int] = []
+    for _ in range(limit):
+        token = int(logits.argmax(-1))
+        tokens.append(token)
+        if token in stop or len(tokens) == limit:
+            break
+        step = torch.tensor([[token]], device=question.device)
+        logits = model(input_ids=step, past_key_values=cache).logits[:, -1]
+    return tokens
 
 
 @torch.no_grad()
 def answer_questions(
-    model: PreTrainedModel, loaded: LoadedCache, question_ids: list[torch.Tensor], max_new_tokens: int = 64
+    model: PreTrainedModel,
+    loaded: LoadedCache,
+    question_ids: Sequence[torch.Tensor | list[int]],
+    max_new_tokens: int = 64,
+    *,
+    progress: bool = False,
 ) -> list[list[int]]:
-    """Greedy answers (token ids) to each question ``[1, q]`` from the loaded context, kvpress's pipeline semantics:
-    each question and its answer are dropped before the next, so the context never grows."""
-    cache = loaded.cache
-    context_length = cache.get_seq_length()
-    sliding = {
-        i: (layer.keys, layer.values, layer.cumulative_length)
-        for i, layer in enumerate(cache.layers)
-        if getattr(layer, "is_sliding", False)
-    }
+    """Greedy answers (token ids) to each question (``[1, q]`` or ``[q]`` token ids, or a list of ints) from the
+    loaded context, with kvpress's pipeline semantics: each question and its answer are dropped before the next, so
+    the context never grows. Whatever happens (an exception, Ctrl-C), the cache is left holding the context alone.
+
+    ``progress`` shows a bar over the questions. The model must be the context's, the context one sequence.
+    """
+    if not isinstance(loaded, LoadedCache):
+        raise KnobTypeError(f"loaded must be a LoadedCache (from load_cache), got {type(loaded).__name__}")
+    loaded.check_model(model)
+    max_new_tokens = require_int("max_new_tokens", max_new_tokens, minimum=1)
+    if cache_batch_size(loaded.cache) != 1:
+        raise ValueError(
+            f"answer_questions answers from a context of one sequence, this one holds "
+            f"{cache_batch_size(loaded.cache)}: use LoadedCache.generate for a batch"
+        )
+    device = next(model.parameters()).device
+    questions = _question_tensors(question_ids, model.get_input_embeddings().num_embeddings, device)
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    rollback = _Rollback(loaded.cache)
     answers = []
-    for question in question_ids:
-        question = question.to(next(model.parameters()).device).view(1, -1)
-        logits = model(input_ids=question, past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(logits.argmax(-1))
-            tokens.append(token)
-            if token in stop or len(tokens) == max_new_tokens:
-                break
-            logits = model(input_ids=torch.tensor([[token]], device=question.device), past_key_values=cache).logits[
-                :, -1
-            ]
-        answers.append(tokens)
-        for index, layer in enumerate(cache.layers):  # back to the context alone
-            if index in sliding:
-                layer.keys, layer.values, layer.cumulative_length = sliding[index]
-            else:
-                layer.crop(context_length)
+    try:
+        for question in tqdm(questions, desc="questions", unit="question", disable=not progress, leave=False):
+            answers.append(_greedy_answer(model, loaded.cache, question, max_new_tokens, stop))
+            rollback()
+    finally:
+        rollback()
     return answers

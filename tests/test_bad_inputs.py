@@ -178,7 +178,28 @@ CLI_CASES = [
     (["export-dataset", "--out", "o", "--samples", "0"], "--samples", ">= 1"),
     (["export-dataset", "--out", "o", "--data-dir", "10"], "--data-dir", ">= 64"),
     (["nope"], "invalid choice", "nope"),
-]
+    # flags together (each refused by the subcommand's parser, before a model loads)
+    (["compress", "--context-file", "c", "--out", "o", "--ratio", "0.9", "--threshold", "0.01"], "--ratio 0.9",
+     "--threshold 0.01 are two budgets"),
+    (["generate", "--context-file", "c", "--question", "q", "--ratio", "0.9", "--threshold", "0.01"], "--ratio",
+     "not both"),
+    (["generate", "--context-file", "c", "--question", "q", "--chunk-size", "8", "--compaction", "masked"],
+     "--chunk-size", "--compaction ragged"),
+    (["generate", "--cache", "c.kvz", "--question", "q", "--ratio", "0.3"], "--ratio", "cannot apply to --cache"),
+    (["generate", "--cache", "c.kvz", "--question", "q", "--gates", "random"], "--gates", "cannot apply to --cache"),
+    (["generate", "--cache", "c.kvz", "--question", "q", "--compaction", "masked"], "--compaction", "to --cache"),
+    (["generate", "--cache", "c.kvz", "--question", "q", "--no-compare"], "--no-compare", "cannot apply to --cache"),
+    (["-q", "-v", "eval-report", "r", "--out", "o"], "-q/--quiet and -v/--verbose", "give one of them"),
+    (["eval-report", "r", "--out", "o", "-q", "-v"], "-q/--quiet and -v/--verbose", "give one of them"),
+    (["-q", "eval-report", "r", "--out", "o", "-v"], "-q/--quiet and -v/--verbose", "give one of them"),
+    (["generate", "--cache", "c.kvz", "--question", "a\udcffb"], "--question", "is not valid UTF-8 text"),
+    (["generate", "--cache", "c.kvz", "--question", " "], "--question", "expected some text"),
+    # an unknown flag is reported with the subcommand's usage, not the top-level one
+    (["generate", "--cache", "c.kvz", "--question", "q", "--bogus"], "usage: fastkvzip-press generate",
+     "unrecognized arguments: --bogus"),
+    (["compress", "--context-file", "c", "--out", "o", "--ratios", "0.5"], "usage: fastkvzip-press compress",
+     "--ratios"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("argv", "flag", "words"), CLI_CASES, ids=lambda case: " ".join(case)[:60])

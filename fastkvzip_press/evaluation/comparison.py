@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import Pipeline, PreTrainedTokenizerBase
 
 from fastkvzip_press.evaluation.answers import answer_rows
+from fastkvzip_press.evaluation.datasets import DATASETS
 from fastkvzip_press.evaluation.haystack import stdlib_paragraphs, text_paragraphs
 from fastkvzip_press.evaluation.niah import NeedleConfig, make_niah_samples
 from fastkvzip_press.evaluation.registry import PressResources, PressSpec, press_spec
@@ -28,9 +29,6 @@ from fastkvzip_press.evaluation.ruler import RULER_TASKS, make_ruler_samples, ru
 from fastkvzip_press.gates.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
-
-# Local datasets: not kvpress's hub datasets, hence their own names (results never pass for the hub's).
-DATASETS = ("ruler-local", "niah-local")
 
 
 def make_dataset(

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 ADJECTIVES = (
     "amber", "ancient", "bitter", "brave", "bright", "calm", "clever", "copper", "crimson", "curious", "dusty",

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from transformers import PreTrainedModel
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-from fastkvzip_press.gates import GateSource, load_gates
+    from fastkvzip_press.gates import GateSource
 
 CHUNK_SIZE = 512  # tokens per prefill chunk for the chunked entry: several chunks at 2k-4k contexts
 
@@ -43,6 +44,8 @@ class PressResources:
 
     def gate_bank(self):
         """The gates checked against the model (a source when there is no model yet)."""
+        from fastkvzip_press.gates import load_gates
+
         if self.model is None:
             return self.gates
         return load_gates(self.gates, self.model, allow_other_model=self.allow_other_model)

@@ -33,12 +33,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from fastkvzip_press.evaluation.haystack import stdlib_paragraphs
 from fastkvzip_press.evaluation.metrics import string_match
 from fastkvzip_press.evaluation.niah import ADJECTIVES, NOUNS
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "cwe", "fwe")
 # RULER's generation budgets per task family (kvpress's create_huggingface_dataset.py).

@@ -4,7 +4,7 @@
   gated layers head by head, and switches the model to the ragged-aware attention.
 * :class:`MaskedCompaction` is the kvpress-style reference: the cache keeps its full size and kvpress's attention patch
   masks the evicted keys. This module is the only writer of kvpress's ``module.masked_key_indices`` (also
-  :func:`restore_masked_keys`, for a saved masked context).
+  :func:`restore_masked_keys`, which puts a saved masked context's back; :func:`masked_keys` reads them to save).
 
 Prefill presses call :meth:`~Compaction.evict_tail`; the decoding press asks :meth:`~Compaction.rows_before` what
 each head holds and calls :meth:`~Compaction.evict_held`. Decisions are ``[B, H, N]`` bool masks of one layer.
@@ -19,6 +19,7 @@ from transformers import Cache, PreTrainedModel
 from fastkvzip_press.cache import compaction as cache_compaction
 from fastkvzip_press.cache.attention import enable_ragged_attention
 from fastkvzip_press.eviction import TailEviction
+from fastkvzip_press.gates.layout import decoder_layers
 
 
 class Compaction:
@@ -125,9 +126,26 @@ class MaskedCompaction(Compaction):
 COMPACTIONS: dict[str, type[Compaction]] = {"ragged": RaggedCompaction, "masked": MaskedCompaction}
 
 
-def restore_masked_keys(module: nn.Module, indices: tuple[torch.Tensor, ...] | None) -> None:
-    """Set (or clear) an attention module's masked keys, as a saved masked context had them."""
-    module.masked_key_indices = indices
+def masked_keys(model: PreTrainedModel) -> dict[int, torch.Tensor]:
+    """The masked keys kvpress's attention patch reads, per decoder layer that has any, as ``[3, K]`` int64 indices
+    (sequence, head, position) on the CPU: a masked context's eviction, which lives on the attention modules."""
+    masks = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        indices = getattr(layer.self_attn, "masked_key_indices", None)
+        if indices is not None:
+            masks[index] = torch.stack([t.to("cpu", torch.int64) for t in indices])
+    return masks
+
+
+def restore_masked_keys(model: PreTrainedModel, masks: dict[int, torch.Tensor], device: torch.device | str) -> None:
+    """Put a saved masked context's positions back on the attention modules (``masks``: decoder layer ->
+    ``[3, K]`` indices, as :func:`masked_keys` gives them), moved to ``device``; other layers' stale ones are cleared.
+    kvpress's attention patch reads them until the next prefill."""
+    for index, layer in enumerate(decoder_layers(model)):
+        if index in masks:
+            layer.self_attn.masked_key_indices = tuple(row.to(device) for row in masks[index])
+        elif getattr(layer.self_attn, "masked_key_indices", None) is not None:
+            layer.self_attn.masked_key_indices = None
 
 
 def make_compaction(name: str) -> Compaction:
