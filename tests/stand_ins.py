@@ -2,6 +2,8 @@
 
 - :func:`cpu_varlen_attn`: torch's ``varlen_attn`` (same signature as the installed one, the documented semantics)
   computed with plain torch ops on any device.
+- :func:`torch_2_11_varlen_attn`: the signature torch 2.11 ships (``scale`` and ``window_size``, no ``enable_gqa``
+  nor ``seqused_k``; fewer key than query heads are GQA, as in flash attention), computed the same way.
 - :func:`torch_2_10_varlen_attn`: the signature torch 2.10 shipped (no ``scale``, ``window_size``, ``enable_gqa``,
   ``seqused_k``).
 - :func:`fake_flash_attn`: a ``flash_attn`` package (``flash_attn_func``, ``flash_attn_varlen_func``,
@@ -80,6 +82,26 @@ def cpu_varlen_attn(
         mask = _window_mask(q.shape[0], n_used, window_size[0], window_size[1], query.device)
         out[starts_q[i] : starts_q[i + 1]] = _attend(q, k, v, mask, scale)
     return out
+
+
+def torch_2_11_varlen_attn(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux=None,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+) -> torch.Tensor:
+    """torch 2.11's ``varlen_attn``: every key of sequence ``i`` is ``cu_seq_k[i]:cu_seq_k[i+1]``."""
+    return cpu_varlen_attn(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux, scale=scale,
+        window_size=window_size, enable_gqa=True,
+    )  # fmt: skip
 
 
 def torch_2_10_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False):
