@@ -157,6 +157,11 @@ def _flash_attn_varlen_func(
     )  # fmt: skip
 
 
+def _flash_attn_with_kvcache(*args, **kwargs):
+    """flash-attn's paged-cache entry point, which transformers imports with the others; nothing here calls it."""
+    raise NotImplementedError("the flash-attn stand-in covers flash_attn_func and flash_attn_varlen_func")
+
+
 @contextlib.contextmanager
 def fake_flash_attn(monkeypatch) -> Iterator[types.ModuleType]:
     """Install a ``flash_attn`` package that transformers' flash-attention path finds and loads."""
@@ -167,6 +172,7 @@ def fake_flash_attn(monkeypatch) -> Iterator[types.ModuleType]:
     package.__version__ = "2.8.3"
     package.flash_attn_func = _flash_attn_func
     package.flash_attn_varlen_func = _flash_attn_varlen_func
+    package.flash_attn_with_kvcache = _flash_attn_with_kvcache  # imported (never called) by transformers >= 5.3
     padding = types.ModuleType("flash_attn.bert_padding")
     padding.pad_input, padding.unpad_input = _pad_input, _unpad_input
     package.bert_padding = padding
