@@ -63,6 +63,13 @@ gpu-image-rehearsal: $(GPU_IMAGE_STAMP) gpu-carry
 	rm -rf $(GPU_REHEARSAL_OUT)
 	OUT=$(GPU_REHEARSAL_OUT) PYTHON=$(GPU_IMAGE_VENV)/bin/python FASTKVZIP_GPU_REHEARSAL=1 bash benchmarks/gpu_run.sh
 
+# The CPU tests of what the GPU run exercises (presses, ragged cache and attention, kernels in Triton's interpreter,
+# eviction, gates) under the image's versions, in the rehearsal environment; the default model is not carried.
+.PHONY: test-gpu-image
+test-gpu-image: gpu-image-rehearsal
+	$(GPU_IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/presses tests/cache tests/triton \
+		tests/eviction tests/gates --deselect tests/presses/test_default_model.py
+
 # Branch coverage, under the CPU suite, of the code only a GPU runs in production (reached here through stand-ins
 # and the Triton interpreter): docs/notes.md reports it.
 .PHONY: coverage-cuda
