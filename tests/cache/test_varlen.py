@@ -190,3 +190,19 @@ def test_a_torch_without_varlen_falls_back(monkeypatch):
 def test_a_function_without_a_readable_signature_counts_as_lacking_everything():
     assert varlen.missing_varlen_parameters(object()) == varlen.VARLEN_PARAMETERS
     assert varlen.missing_varlen_parameters(lambda *args, **kwargs: None) == ()
+
+
+def test_a_varlen_attn_with_enable_gqa_but_no_used_lengths_is_told_to_group(monkeypatch):
+    layer = ragged_batch(torch.bfloat16, n_new=1)
+    query = torch.randn(3, HEADS * GROUP, 1, DIM).to(torch.bfloat16)
+    seen = []
+
+    def grouping(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                 enable_gqa=False):  # fmt: skip
+        seen.append(enable_gqa)
+        return torch_2_11_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                      window_size=window_size)  # fmt: skip
+
+    with varlen_on_cpu(monkeypatch, grouping):
+        ragged_attention(query, layer, 0.1)
+    assert seen == [True]
