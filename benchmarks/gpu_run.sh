@@ -13,10 +13,13 @@
 # summary.txt. FASTKVZIP_GPU_REHEARSAL=1 rehearses it without a GPU: the tests skip (collection still has to pass)
 # and the benchmark runs on CPU at tiny shapes. PYTHON picks the interpreter (default python3, the image's).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-
 : "${OUT:?set OUT to the folder for logs and results}"
 PYTHON=${PYTHON:-python3}
+# Paths made absolute before leaving the caller's folder.
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+case $PYTHON in */*) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;; esac
+cd "$(dirname "$0")/.."
+
 REHEARSAL=${FASTKVZIP_GPU_REHEARSAL:-0}
 SETUP_LIMIT_S=${SETUP_LIMIT_S:-60}
 TESTS_LIMIT_S=${TESTS_LIMIT_S:-210}
@@ -26,7 +29,6 @@ BENCH_LIMIT_S=${BENCH_LIMIT_S:-300}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-180}
 export OUT PYTHON REHEARSAL BENCH_BUDGET_S
 
-mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET FASTKVZIP_PRESS_KERNELS
 status=0
@@ -37,6 +39,7 @@ stage() {
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
     echo "== $name (limit ${limit} s)"
+    : >"$OUT/$name.log"
     timeout --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
     rc=$?
     [ $rc -eq 124 ] && echo "stopped at the ${limit} s limit" >>"$OUT/$name.log"
