@@ -26,14 +26,49 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# GPU acceptance on a CUDA machine (about 10 minutes on one H200): the cuda-marked tests with the Triton kernels
-# compiled, then benchmarks/gpu.py (writes benchmarks/results/gpu.{md,csv}). The benchmark runs even when a test
-# fails, and the target fails if either does. Installs nothing beyond .venv.
+# GPU acceptance on a CUDA machine (about 10 minutes on one H200): the cuda-marked tests (tests/gpu) with the Triton
+# kernels compiled, then benchmarks/gpu.py (writes benchmarks/results/gpu.{md,csv}). The benchmark runs even when a
+# test fails, and the target fails if either does. Installs nothing beyond .venv. On the lent GPU machine, whose
+# image is not .venv, benchmarks/gpu_run.sh runs the same with carried wheels (see gpu-carry below).
 .PHONY: test-gpu
 GPU_ENV := env -u TRITON_INTERPRET -u FASTKVZIP_PRESS_KERNELS
 test-gpu: $(STAMP)
-	$(GPU_ENV) $(BIN)/python -m pytest -q -rs -m cuda; status=$$?; \
+	$(GPU_ENV) $(BIN)/python -m pytest -q -rs -m cuda tests/gpu; status=$$?; \
 		$(GPU_ENV) $(BIN)/python benchmarks/gpu.py && exit $$status
+
+# The lent GPU machine reaches no package registry and is not .venv: Python 3.12, torch 2.11.0, transformers 5.17.0,
+# triton 3.6.0, no kvpress. gpu-carry builds what it lacks as wheels into dist/gpu-carry (the package's own wheel,
+# requirements/gpu-carry.txt), prints their sizes and fails if what travels passes 64 MiB. gpu-image-rehearsal builds
+# a Python 3.12 environment like that image (requirements/gpu-image.txt; torch's CUDA build, several GB) and runs
+# benchmarks/gpu_run.sh in it on CPU: offline install from the carry, the GPU tests collected (they skip without
+# CUDA), benchmarks/gpu.py at tiny shapes. Logs and reports in $(GPU_REHEARSAL_OUT).
+.PHONY: gpu-carry gpu-image-rehearsal
+GPU_IMAGE_VENV ?= .venv-gpu-image
+GPU_IMAGE_PYTHON ?= python3.12
+GPU_IMAGE_STAMP := $(GPU_IMAGE_VENV)/.installed
+GPU_REHEARSAL_OUT ?= outputs/gpu-rehearsal
+
+gpu-carry: $(STAMP)
+	$(BIN)/python benchmarks/gpu_carry.py
+
+$(GPU_IMAGE_STAMP): requirements/gpu-image.txt
+	py=$(GPU_IMAGE_PYTHON); $$py -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null \
+		|| py=$$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1); \
+		[ -n "$$py" ] || { echo "no Python 3.12 found: set GPU_IMAGE_PYTHON"; exit 1; }; \
+		rm -rf $(GPU_IMAGE_VENV) && $$py -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/gpu-image.txt
+	touch $(GPU_IMAGE_STAMP)
+
+gpu-image-rehearsal: $(GPU_IMAGE_STAMP) gpu-carry
+	rm -rf $(GPU_REHEARSAL_OUT)
+	OUT=$(GPU_REHEARSAL_OUT) PYTHON=$(GPU_IMAGE_VENV)/bin/python FASTKVZIP_GPU_REHEARSAL=1 bash benchmarks/gpu_run.sh
+
+# The CPU tests of what the GPU run exercises (presses, ragged cache and attention, kernels in Triton's interpreter,
+# eviction, gates) under the image's versions, in the rehearsal environment; the default model is not carried.
+.PHONY: test-gpu-image
+test-gpu-image: gpu-image-rehearsal
+	$(GPU_IMAGE_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests/presses tests/cache tests/triton \
+		tests/eviction tests/gates --deselect tests/presses/test_default_model.py
 
 # Branch coverage, under the CPU suite, of the code only a GPU runs in production (reached here through stand-ins
 # and the Triton interpreter): docs/notes.md reports it.
@@ -48,7 +83,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fastkvzip_press tests tests_vllm
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(GPU_IMAGE_VENV) dist/gpu-carry
 
 # vLLM lives in its own environment: it needs transformers >= 5.16 and kvpress pins < 5.3. The package goes in
 # without its dependencies (the vLLM integration uses the core only, never kvpress); the default model is converted

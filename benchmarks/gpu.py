@@ -21,8 +21,10 @@ random gates (``GateBank.random``): speed and memory do not depend on what the w
 - **selection**: ``select_smallest_rows`` over 32 layers x 8 heads x 128k tokens of scores (one decision of a
   128k-token prefill of an 8B model), Triton against the torch reference.
 
-The model sections stop starting runs once their time budget (``SECTION_BUDGET_S``, per model) is spent, and the
-kernel timings are bounded by ``do_bench``, so the whole run stays within about 6 minutes on one H200.
+The model sections stop starting runs once their time budget (``SECTION_BUDGET_S``, per model; ``--budget-s``
+shares a total between them) is spent, and the kernel timings are bounded by ``do_bench``, so the whole run stays
+within about 6 minutes on one H200. The report is rewritten after every model and after the kernels, so a run stopped
+from outside leaves what it measured so far (its header says which sections are still missing).
 
     .venv/bin/python benchmarks/gpu.py                                   # CUDA, both models
     .venv/bin/python benchmarks/gpu.py --device cpu --tiny --out /tmp/gpu   # every section on tiny shapes, seconds
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,6 +56,7 @@ from gpu_setup import (
     MODEL_CONFIGS,
     ROOT,
     TINY,
+    Scale,
     build_model,
     free_memory,
     random_gates,
@@ -195,18 +199,29 @@ def long_rows(results: dict[str, list[dict]]) -> list[dict]:
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def run(args) -> dict[str, list[dict]]:
-    from tqdm import tqdm
-
+def scale_of(args) -> Scale:
+    """The sizes and time budgets of this run."""
     scale = replace(
         TINY if args.tiny else FULL,
         **{k: v for k, v in (("contexts", tuple(args.contexts or ())), ("rounds", args.rounds)) if v},
     )
     if args.kv_budget_gib is not None:
         scale = replace(scale, kv_budget_bytes=int(args.kv_budget_gib * GIB))
+    if args.budget_s is not None:  # shared by every model's sections in the default proportions
+        share = args.budget_s / (len(args.models) * (scale.timed_s + scale.longest_s))
+        scale = replace(scale, timed_s=scale.timed_s * share, longest_s=scale.longest_s * share)
+    return scale
+
+
+def run(args, save: Callable[[dict[str, list[dict]], str], None] = lambda results, missing: None):
+    """Every section; ``save(results, missing)`` after every model and after the kernels (``missing``: what is still
+    to come, empty at the end)."""
+    from tqdm import tqdm
+
+    scale = scale_of(args)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     results: dict[str, list[dict]] = {key: [] for key in SECTIONS}
-    for name in args.models:
+    for index, name in enumerate(args.models):
         model = build_model(name, args.tiny, device, dtype)
         bank = random_gates(model)
         n_runs = len(scale.contexts) * 3 * (1 + scale.rounds)
@@ -218,17 +233,19 @@ def run(args) -> dict[str, list[dict]]:
             results["longest"] += longest_rows(name, model, bank, args, scale, progress)
         del model, bank, runs
         free_memory(device)
+        save(results, ", ".join([*args.models[index + 1 :], "the kernels"]))
     with tqdm(total=2, desc="kernels", disable=args.quiet) as progress:
         peak = hbm_peak_gbps(device, args.hbm_peak)
         results["compaction"] = compaction_rows(scale, device, dtype, args.ratio, peak)
         progress.update()
         results["selection"] = selection_rows(scale, device, args.ratio)
         progress.update()
+    save(results, "")
     return results
 
 
-def describe(args, seconds: float) -> list[str]:
-    """The report's header: where and how it ran."""
+def describe(args, seconds: float, missing: str = "") -> list[str]:
+    """The report's header: where and how it ran (``missing``: sections not measured yet, for a partial report)."""
     import transformers
 
     from fastkvzip_press.cache import attention_path_counts
@@ -242,6 +259,7 @@ def describe(args, seconds: float) -> list[str]:
         "",
         f"Command: `python benchmarks/gpu.py {' '.join(sys.argv[1:])}` ({seconds:.0f} s). "
         f"Ragged attention calls by path: {paths}.",
+        *([] if not missing else ["", f"**Partial report**: not measured yet: {missing}."]),
     ]
 
 
@@ -256,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds per context (default 3)")
     parser.add_argument("--kv-budget-gib", type=float, help="memory over the model for the longest-context search")
     parser.add_argument("--hbm-peak", type=float, help="peak memory bandwidth in GB/s (default: by device name)")
+    parser.add_argument("--budget-s", type=float, help="seconds for the model sections of every model together")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -268,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     start = time.perf_counter()
-    results = run(args)
-    table = markdown(results, describe(args, time.perf_counter() - start))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.md").write_text(table)
-    write_csv(long_rows(results), args.out / "gpu.csv")
-    print(table)
+
+    def save(results: dict[str, list[dict]], missing: str) -> None:
+        (args.out / "gpu.md").write_text(markdown(results, describe(args, time.perf_counter() - start, missing)))
+        write_csv(long_rows(results), args.out / "gpu.csv")
+
+    run(args, save)
+    print((args.out / "gpu.md").read_text())
     print(f"written: {args.out}/gpu.{{md,csv}}")
     return 0
 

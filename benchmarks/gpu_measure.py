@@ -18,7 +18,6 @@ from gpu_setup import (
     NO_PRESS,
     OURS,
     OURS_CHUNKED,
-    SECTION_BUDGET_S,
     Budget,
     Scale,
     allocated,
@@ -80,7 +79,7 @@ def prefill_and_decode(model, ids: torch.Tensor, press, decode_tokens: int, watc
 def timed_runs(model, bank, args, scale: Scale, progress) -> dict[int, dict[str, list[dict]]]:
     """Per context, per configuration: the warm-up run (KV watched, memory read) then the timed rounds."""
     names = [NO_PRESS, OURS, KVPRESS]
-    budget = Budget(SECTION_BUDGET_S["timed"])
+    budget = Budget(scale.timed_s)
     prefill_and_decode(model, random_ids(model, 64), make_press(OURS, model, bank, args.ratio), 2)  # first launches
     runs: dict[int, dict[str, list[dict]]] = {}
     for context in scale.contexts:
@@ -237,7 +236,7 @@ def longest_rows(model_name: str, model, bank, args, scale: Scale, progress) -> 
     rows = []
     with memory_cap(model.device, scale.kv_budget_bytes) as cap:
         for config in (FULL_CACHE, OURS_CHUNKED):
-            budget = Budget(SECTION_BUDGET_S["longest"] / 2)
+            budget = Budget(scale.longest_s / 2)
             found = longest_context(model, bank, config, args, scale, budget, progress)
             rows.append({"model": model_name, "config": config, "cap_bytes": cap, **found})
     full = rows[0]["longest_tokens"]

@@ -103,6 +103,8 @@ class Scale:
     kv_budget_bytes: int
     compact_shape: tuple[int, int, int]  # KV heads, tokens, head_dim
     select_shape: tuple[int, int, int]  # layers, KV heads, tokens
+    timed_s: float = SECTION_BUDGET_S["timed"]  # per model: prefill / decode rounds stop starting after this
+    longest_s: float = SECTION_BUDGET_S["longest"]  # per model: both longest-context searches together
 
 
 FULL = Scale(

@@ -2,6 +2,8 @@
 
 - :func:`cpu_varlen_attn`: torch's ``varlen_attn`` (same signature as the installed one, the documented semantics)
   computed with plain torch ops on any device.
+- :func:`torch_2_11_varlen_attn`: the signature torch 2.11 ships (``scale`` and ``window_size``, no ``enable_gqa``
+  nor ``seqused_k``; fewer key than query heads are GQA, as in flash attention), computed the same way.
 - :func:`torch_2_10_varlen_attn`: the signature torch 2.10 shipped (no ``scale``, ``window_size``, ``enable_gqa``,
   ``seqused_k``).
 - :func:`fake_flash_attn`: a ``flash_attn`` package (``flash_attn_func``, ``flash_attn_varlen_func``,
@@ -82,6 +84,26 @@ def cpu_varlen_attn(
     return out
 
 
+def torch_2_11_varlen_attn(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux=None,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+) -> torch.Tensor:
+    """torch 2.11's ``varlen_attn``: every key of sequence ``i`` is ``cu_seq_k[i]:cu_seq_k[i+1]``."""
+    return cpu_varlen_attn(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, return_aux=return_aux, scale=scale,
+        window_size=window_size, enable_gqa=True,
+    )  # fmt: skip
+
+
 def torch_2_10_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, is_causal=False):
     """The signature torch 2.10 shipped; never called by a correct dispatcher."""
     raise AssertionError("the ragged attention called a varlen_attn that lacks the arguments it passes")
@@ -135,6 +157,11 @@ def _flash_attn_varlen_func(
     )  # fmt: skip
 
 
+def _flash_attn_with_kvcache(*args, **kwargs):
+    """flash-attn's paged-cache entry point, which transformers imports with the others; nothing here calls it."""
+    raise NotImplementedError("the flash-attn stand-in covers flash_attn_func and flash_attn_varlen_func")
+
+
 @contextlib.contextmanager
 def fake_flash_attn(monkeypatch) -> Iterator[types.ModuleType]:
     """Install a ``flash_attn`` package that transformers' flash-attention path finds and loads."""
@@ -145,6 +172,7 @@ def fake_flash_attn(monkeypatch) -> Iterator[types.ModuleType]:
     package.__version__ = "2.8.3"
     package.flash_attn_func = _flash_attn_func
     package.flash_attn_varlen_func = _flash_attn_varlen_func
+    package.flash_attn_with_kvcache = _flash_attn_with_kvcache  # imported (never called) by transformers >= 5.3
     padding = types.ModuleType("flash_attn.bert_padding")
     padding.pad_input, padding.unpad_input = _pad_input, _unpad_input
     package.bert_padding = padding

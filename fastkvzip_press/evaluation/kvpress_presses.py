@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from fastkvzip_press.gates import GateBank, ModelLayout
 from fastkvzip_press.presses import FastKVzipPress
+from fastkvzip_press.presses.cache_position import pass_cache_position
 
 
 def kvpress_fastkvzip_with_gates(bank: GateBank, model: PreTrainedModel, compression_ratio: float):
@@ -34,6 +35,7 @@ def kvpress_fastkvzip_with_gates(bank: GateBank, model: PreTrainedModel, compres
         # kvpress keeps k_base and the norms in fp32 as created; the projections follow the model dtype.
         gate.k_base.data = ours.k_base.detach().float().clone()
         gates[layer_id] = gate.to(param.device)
+    pass_cache_position(model)  # kvpress's hooks read cache_position, which transformers >= 5.3 no longer passes
     press = KvpressFastKVzipPress(compression_ratio=compression_ratio)
     press.gates = gates
     return press

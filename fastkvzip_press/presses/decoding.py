@@ -20,6 +20,7 @@ from fastkvzip_press.checks import KnobTypeError, require_choice, require_int, r
 from fastkvzip_press.eviction import HeadTargetBudget, Protection, decide
 from fastkvzip_press.gates import GateBank, GateSource, decoder_layers
 from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
+from fastkvzip_press.presses.cache_position import pass_cache_position
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
 from fastkvzip_press.presses.devices import layer_device, stack_on_one_device
 from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
@@ -167,6 +168,7 @@ class FastKVzipDecodingPress(DecodingPress):
                 "masking patch wrap sdpa / flash attention); load the model with attn_implementation='sdpa'"
             )
         bank = self._binding.bind(self.gates, model)
+        pass_cache_position(model)
         self.base_press.post_init_from_model(model)
         if self._strategy is None or self._strategy.name != self.compaction:
             self._strategy = make_compaction(self.compaction)

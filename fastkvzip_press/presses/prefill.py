@@ -26,6 +26,7 @@ from fastkvzip_press.eviction import (
 )
 from fastkvzip_press.gates import GateBank, GateSource, ModelLayout, decoder_layers
 from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
+from fastkvzip_press.presses.cache_position import pass_cache_position
 from fastkvzip_press.presses.chunked_prefill import ChunkedPrefill
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction
 from fastkvzip_press.presses.devices import layer_device, stack_on_one_device
@@ -149,6 +150,7 @@ class FastKVzipPress(BasePress):
                 "attn_implementation='sdpa' (or 'flash_attention_2')."
             )
         bank = self._binding.bind(self.gates, model)
+        pass_cache_position(model)
         self._strategy = make_compaction(self.compaction)
         if self._evicting():
             self._strategy.prepare(model)

@@ -20,6 +20,7 @@ from fastkvzip_press.checks import require_real
 from fastkvzip_press.eviction import keep_largest
 from fastkvzip_press.gates import GateBank, GateSource
 from fastkvzip_press.presses.activation import exclusive
+from fastkvzip_press.presses.cache_position import pass_cache_position
 from fastkvzip_press.presses.gate_binding import GateBinding, check_gate_source
 from fastkvzip_press.presses.padding import key_padding
 
@@ -85,6 +86,7 @@ class FastKVzipScorerPress(ScorerPress):
 
     def post_init_from_model(self, model: PreTrainedModel):
         self._binding.bind(self.gates, model)
+        pass_cache_position(model)
         self._model = weakref.ref(model)
 
     def forward_hook(self, module: nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):

@@ -6,14 +6,15 @@ import math
 
 import pytest
 import torch
-from stand_ins import cpu_varlen_attn, torch_2_10_varlen_attn, varlen_on_cpu
+from stand_ins import cpu_varlen_attn, torch_2_10_varlen_attn, torch_2_11_varlen_attn, varlen_on_cpu
 
 from fastkvzip_press.cache import RaggedLayer, attention_path_counts, ragged_attention, ragged_attention_path, varlen
 
 HEADS, GROUP, DIM = 3, 3, 64
 
 
-def test_the_stand_in_has_the_installed_signature():
+def test_a_stand_in_has_the_installed_signature():
+    """torch 2.13's signature or torch 2.11's: the suite drives the varlen path through both."""
     installed = varlen.installed_varlen_attn()
     if installed is None:
         pytest.skip("this torch has no varlen_attn")
@@ -21,7 +22,8 @@ def test_the_stand_in_has_the_installed_signature():
     def shape(function):  # names, kinds and defaults (annotations are strings on one side)
         return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
 
-    assert shape(cpu_varlen_attn) == shape(installed)
+    stand_in = cpu_varlen_attn if varlen.takes_used_lengths(installed) else torch_2_11_varlen_attn
+    assert shape(stand_in) == shape(installed)
     assert varlen.missing_varlen_parameters(installed) == ()
 
 
@@ -36,9 +38,10 @@ def ragged_batch(dtype: torch.dtype, bsz: int = 3, tokens: int = 40, n_new: int 
     return layer
 
 
+@pytest.mark.parametrize("function", [cpu_varlen_attn, torch_2_11_varlen_attn], ids=["torch-2.13", "torch-2.11"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n_new", [1, 4])
-def test_varlen_path_equals_per_segment_attention(monkeypatch, dtype, n_new):
+@pytest.mark.parametrize("n_new", [1, 4, 7])  # 7: the new rows fill every segment's spare rows (no gaps)
+def test_varlen_path_equals_per_segment_attention(monkeypatch, dtype, n_new, function):
     layer = ragged_batch(dtype, n_new=n_new)
     query = torch.randn(3, HEADS * GROUP, n_new, DIM).to(dtype)
     scaling = 1 / math.sqrt(DIM)
@@ -46,7 +49,7 @@ def test_varlen_path_equals_per_segment_attention(monkeypatch, dtype, n_new):
     per_segment = ragged_attention(query, layer, scaling)
     monkeypatch.delenv(varlen.VARLEN_ENV)
     before = attention_path_counts().get(varlen.VARLEN, 0)
-    with varlen_on_cpu(monkeypatch):
+    with varlen_on_cpu(monkeypatch, function):
         assert ragged_attention_path(query.device, dtype, DIM).name == varlen.VARLEN
         through_varlen = ragged_attention(query, layer, scaling)
     assert attention_path_counts()[varlen.VARLEN] == before + 1
@@ -69,6 +72,34 @@ def test_varlen_needs_no_host_read_of_device_data(monkeypatch):
     assert seen == [(query.device, torch.int32, max(layer.head_lengths))]
 
 
+def test_torch_2_11_gets_the_spare_rows_as_sequences_of_their_own(monkeypatch):
+    """Without ``seqused_k``: segments alternate with the spare rows after them, each with the segment's queries."""
+    layer = ragged_batch(torch.bfloat16, n_new=2)
+    query = torch.randn(3, HEADS * GROUP, 2, DIM).to(torch.bfloat16)
+    seen = []
+
+    def recording(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs):
+        seen.append((cu_seq_q.tolist(), cu_seq_k.tolist(), max_k, sorted(kwargs)))
+        return torch_2_11_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs)
+
+    recording.__signature__ = inspect.signature(torch_2_11_varlen_attn)
+    with varlen_on_cpu(monkeypatch, recording), monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "new_tensor", lambda *a, **k: pytest.fail("host-to-device copy per call"))
+        ragged_attention(query, layer, 0.1)
+    starts, lengths = layer.starts.tolist(), layer.head_lengths
+    bounds = [row for start, length in zip(starts, lengths) for row in (start, start + length)]
+    n_sequences = 2 * len(starts)
+    assert seen == [
+        (
+            [2 * i for i in range(n_sequences + 1)],
+            [*bounds, layer.key_buffer.shape[0]],
+            max(layer.head_capacities),
+            ["scale", "window_size"],
+        )
+    ]
+    assert all(capacity > length for capacity, length in zip(layer.head_capacities, lengths))  # gaps not empty
+
+
 def test_a_varlen_attn_without_the_needed_arguments_falls_back(monkeypatch, caplog):
     layer = ragged_batch(torch.bfloat16)
     query = torch.randn(3, HEADS * GROUP, 4, DIM).to(torch.bfloat16)
@@ -76,7 +107,7 @@ def test_a_varlen_attn_without_the_needed_arguments_falls_back(monkeypatch, capl
         path = ragged_attention_path(query.device, query.dtype, DIM)
         out = ragged_attention(query, layer, 0.1)  # the stand-in fails the test if it is called
     assert path.name == varlen.PER_SEGMENT
-    assert "lacks scale, window_size, enable_gqa, seqused_k" in path.reason
+    assert "lacks scale, window_size" in path.reason
     assert out.shape == (3, 4, HEADS * GROUP, DIM)
     assert any("lacks scale" in record.getMessage() for record in caplog.records)
 
@@ -159,3 +190,19 @@ def test_a_torch_without_varlen_falls_back(monkeypatch):
 def test_a_function_without_a_readable_signature_counts_as_lacking_everything():
     assert varlen.missing_varlen_parameters(object()) == varlen.VARLEN_PARAMETERS
     assert varlen.missing_varlen_parameters(lambda *args, **kwargs: None) == ()
+
+
+def test_a_varlen_attn_with_enable_gqa_but_no_used_lengths_is_told_to_group(monkeypatch):
+    layer = ragged_batch(torch.bfloat16, n_new=1)
+    query = torch.randn(3, HEADS * GROUP, 1, DIM).to(torch.bfloat16)
+    seen = []
+
+    def grouping(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                 enable_gqa=False):  # fmt: skip
+        seen.append(enable_gqa)
+        return torch_2_11_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                      window_size=window_size)  # fmt: skip
+
+    with varlen_on_cpu(monkeypatch, grouping):
+        ragged_attention(query, layer, 0.1)
+    assert seen == [True]
