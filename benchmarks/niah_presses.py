@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PRESSES = (
     "fastkvzip",
+    "fastkvzip_chunked",
     "fastkvzip_uniform",
     "fastkvzip_uniform_chunked",
     "fastkvzip_random",
@@ -31,7 +32,7 @@ PRESSES = (
     "knorm",
     "snapkv",
 )
-UNIFORM_CHUNK_SIZE = 256  # fastkvzip_uniform_chunked: benchmarks/vllm_serving.py's default --chunk-size
+CHUNK_SIZE = 256  # the *_chunked presses: benchmarks/vllm_serving.py's default --chunk-size
 DEPTH_BINS = ((0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0001))
 
 
@@ -44,10 +45,12 @@ def build_press(name: str, ratio: float, model):
         return None
     if name == "fastkvzip":
         return FastKVzipPress(ratio)  # gates=None: the gates shipped for the default model
-    if name == "fastkvzip_uniform":  # the same count in every layer and KV head (vLLM's budget)
+    if name == "fastkvzip_chunked":  # compacted every CHUNK_SIZE tokens (vLLM's chunk_size)
+        return FastKVzipPress(ratio, chunk_size=CHUNK_SIZE)
+    if name == "fastkvzip_uniform":  # the same count in every layer and KV head
         return FastKVzipPress(ratio, uniform=True)
-    if name == "fastkvzip_uniform_chunked":  # the same, compacted every UNIFORM_CHUNK_SIZE tokens (vLLM's chunk_size)
-        return FastKVzipPress(ratio, uniform=True, chunk_size=UNIFORM_CHUNK_SIZE, compaction="ragged")
+    if name == "fastkvzip_uniform_chunked":  # the same, compacted every CHUNK_SIZE tokens
+        return FastKVzipPress(ratio, uniform=True, chunk_size=CHUNK_SIZE)
     if name == "fastkvzip_random":
         return FastKVzipPress(ratio, gates=GateBank.random(ModelLayout.from_model(model), seed=0))
     return press_spec(name).build(ratio, PressResources(model))

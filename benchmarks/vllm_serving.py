@@ -1,15 +1,17 @@
-"""Serving with vLLM on a fixed KV pool: plain vLLM against Fast KVzip at several ratios, in one run.
+"""Serving with vLLM on a fixed KV pool: plain vLLM against Fast KVzip's global and uniform budgets at several
+ratios, compacted after the prefill and chunk by chunk, in one run.
 
-    make vllm-install && .venv-vllm/bin/python benchmarks/vllm_serving.py      # default model, fp32, ~15 min on 2 cores
+    make vllm-install && .venv-vllm/bin/python benchmarks/vllm_serving.py      # default model, fp32, ~1.5 h on 2 cores
 
 Every configuration gets the same 16 requests at once (prompts of 2k-4k tokens of standard-library prose, a fixed
-number of output tokens, greedy) on the same pool of KV blocks. Measured per configuration: the most requests
-running at once and the blocks in use (from the scheduler's steps), total output tokens per second, median time to
-the first token and median inter-token latency (from the streamed outputs). "plain vLLM" is an engine started
-without Fast KVzip; the ratios run on one engine with it, each request asking for its ratio. Then the NIAH set of
-``benchmarks/niah_presses.py`` (24 contexts of ~2k tokens) is answered through the engine at each ratio, beside the
-transformers uniform-budget accuracies of ``benchmarks/results/niah_uniform.csv``. Writes
-``<out>/vllm_serving.{csv,md,png}``.
+number of output tokens, greedy) on the same pool of KV blocks, small enough that the pool, not the number of
+requests, bounds how many run at once. Measured per configuration: the most requests running at once and the blocks
+in use (from the scheduler's steps), the blocks a request holds after its compaction against its kept pairs' share,
+total output tokens per second, median time to the first token and median inter-token latency (from the streamed
+outputs). "plain vLLM" is an engine started without Fast KVzip; the others run on engines with it, each request
+asking for its ratio and budget. Then the NIAH set of ``benchmarks/niah_presses.py`` (24 contexts of ~2k tokens) is
+answered through the engine in each configuration, beside the transformers press with the same budget and chunking
+(``benchmarks/results/niah*.csv``). Writes ``<out>/vllm_serving.{csv,md,png}``.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--min-tokens", type=int, default=2048, help="shortest prompt")
     parser.add_argument("--max-tokens", type=int, default=4096, help="longest prompt")
-    parser.add_argument("--output-tokens", type=int, default=256, help="generated per request (EOS ignored)")
-    parser.add_argument("--pool-blocks", type=int, default=160, help="KV blocks in the pool (one is vLLM's null block)")
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.0, 0.5, 0.75])
+    parser.add_argument("--output-tokens", type=int, default=128, help="generated per request (EOS ignored)")
+    parser.add_argument("--pool-blocks", type=int, default=317, help="KV blocks in the pool (one is vLLM's null block)")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75], help="besides ratio 0")
+    parser.add_argument("--budgets", nargs="+", default=["global", "uniform"], choices=["global", "uniform"])
     parser.add_argument(
         "--chunk-size",
         type=int,
@@ -52,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.min_tokens < 64 or args.max_tokens < args.min_tokens:
         parser.error("--min-tokens must be >= 64 and --max-tokens >= --min-tokens")
-    if any(not 0 <= ratio < 1 for ratio in args.ratios):
-        parser.error("--ratios are fractions removed, in [0, 1)")
+    if any(not 0 < ratio < 1 for ratio in args.ratios):
+        parser.error("--ratios are fractions removed, in (0, 1) (ratio 0 always runs)")
     if args.chunk_size < 0:
         parser.error("--chunk-size must be >= 0 (0: no chunked engine)")
     return args
@@ -130,11 +133,18 @@ async def stream(engine, request_id: str, prompt: list[int], params) -> dict:
     return {"start": start, "times": times, "text": text}
 
 
-async def serve(engine, prompts: list[list[int]], ratio: float | None, output_tokens: int, tag: str) -> dict:
+def request_settings(ratio: float | None, budget: str | None) -> dict | None:
+    """A request's ``extra_args``: its ratio and budget (``None``: an engine without Fast KVzip)."""
+    if ratio is None:
+        return None
+    return {"fastkvzip_ratio": ratio, **({"fastkvzip_budget": budget} if budget else {})}
+
+
+async def serve(engine, prompts: list[list[int]], settings: dict | None, output_tokens: int, tag: str) -> dict:
     """All prompts at once; throughput and latencies."""
     from vllm import SamplingParams
 
-    extra = None if ratio is None else {"fastkvzip_ratio": ratio}
+    extra = settings
     params = SamplingParams(max_tokens=output_tokens, temperature=0, ignore_eos=True, extra_args=extra)
     start = time.time()
     began = time.perf_counter()
@@ -152,12 +162,12 @@ async def serve(engine, prompts: list[list[int]], ratio: float | None, output_to
     }
 
 
-async def answer(engine, prompts: list[tuple[list[int], dict]], ratio: float, tag: str) -> list[dict]:
+async def answer(engine, prompts: list[tuple[list[int], dict]], settings: dict, tag: str) -> list[dict]:
     from vllm import SamplingParams
 
     from fastkvzip_press.evaluation import string_match
 
-    params = SamplingParams(max_tokens=10, temperature=0, extra_args={"fastkvzip_ratio": ratio})
+    params = SamplingParams(max_tokens=10, temperature=0, extra_args=settings)
     runs = await asyncio.gather(*(stream(engine, f"{tag}-{i}", ids, params) for i, (ids, _) in enumerate(prompts)))
     records = []
     for (_, row), run in zip(prompts, runs):
@@ -174,11 +184,13 @@ def scheduler_figures(events: Path | None, since: float) -> dict:
     if not steps:
         return {"peak_running": None, "peak_blocks": None, "mean_blocks": None}
     used = [s["total_blocks"] - s["free_blocks"] for s in steps]
-    return {
-        "peak_running": max(s["running"] for s in steps),
-        "peak_blocks": max(used),
-        "mean_blocks": sum(used) / len(used),
-    }
+    figures = {"peak_running": max(s["running"] for s in steps), "peak_blocks": max(used), "mean_blocks": None}
+    figures["mean_blocks"] = sum(used) / len(used)
+    compactions = read_events(events, "compaction", since)
+    if compactions:  # blocks a request holds right after its prompt's compaction, and its kept pairs' share of blocks
+        figures["blocks_after"] = statistics.mean(c["blocks_after"] for c in compactions)
+        figures["kept_share"] = statistics.mean(c["kept_pairs"] / c["heads"] / c["block_size"] for c in compactions)
+    return figures
 
 
 async def run_engine(
@@ -197,13 +209,14 @@ async def run_engine(
             measured = await serve(engine, prompts, None, 1, "prefill")
             rows.append({"config": PREFILL_ONLY, "ratio": 0.0, **measured})
             logging.info("prefill only: %.1f s", measured["wall_s"])
-        for name, ratio in configurations:
+        for name, ratio, budget in configurations:
             logging.info("%s: %d requests", name, len(prompts))
-            measured = await serve(engine, prompts, ratio, args.output_tokens, name)
+            measured = await serve(engine, prompts, request_settings(ratio, budget), args.output_tokens, name)
             rows.append(
                 {
                     "config": name,
                     "ratio": ratio or 0.0,
+                    "budget": budget,
                     "chunk_size": chunk_size,
                     **measured,
                     **scheduler_figures(events, measured["since"]),
@@ -213,9 +226,9 @@ async def run_engine(
                 "%s: %.1f output tokens/s, peak running %s", name, measured["output_tok_s"], rows[-1]["peak_running"]
             )
         niah_scores = {}
-        for name, ratio in configurations:
+        for name, ratio, budget in configurations:
             if niah and ratio is not None:
-                records = await answer(engine, niah, ratio, f"niah-{name}")
+                records = await answer(engine, niah, request_settings(ratio, budget), f"niah-{name}")
                 niah_scores[name] = records
                 logging.info("NIAH, %s: %d/%d", name, sum(r["score"] for r in records), len(records))
         return rows, niah_scores
@@ -227,7 +240,7 @@ async def run_engine(
 
 
 def transformers_niah(path: Path, press: str) -> dict[float, tuple[float, int]]:
-    """ratio -> (correct, contexts) of the transformers uniform-budget path ``press`` (full cache at ratio 0)."""
+    """ratio -> (correct, contexts) of the transformers press ``press`` (full cache at ratio 0)."""
     if not path.exists():
         return {}
     found: dict[float, list[float]] = {}
@@ -238,12 +251,15 @@ def transformers_niah(path: Path, press: str) -> dict[float, tuple[float, int]]:
     return {ratio: (sum(scores), len(scores)) for ratio, scores in found.items()}
 
 
-def reference_niah(out: Path) -> dict[bool, dict[float, tuple[float, int]]]:
-    """The transformers uniform path's NIAH results, by whether the engine compacts in chunks: ``niah_uniform.csv``,
-    and ``niah_uniform_chunked.csv`` (``FastKVzipPress(uniform=True, chunk_size=256)``, benchmarks/niah_presses.py)."""
+def reference_niah(out: Path) -> dict[tuple[str, bool], dict[float, tuple[float, int]]]:
+    """The transformers presses' NIAH results (benchmarks/niah_presses.py) by budget and whether the engine compacts
+    in chunks: ``FastKVzipPress()`` (``niah.csv``), ``chunk_size=256`` (``niah_chunked.csv``), and the same with
+    ``uniform=True`` (``niah_uniform.csv``, ``niah_uniform_chunked.csv``)."""
     return {
-        False: transformers_niah(out / "niah_uniform.csv", "fastkvzip_uniform"),
-        True: transformers_niah(out / "niah_uniform_chunked.csv", "fastkvzip_uniform_chunked"),
+        ("global", False): transformers_niah(out / "niah.csv", "fastkvzip"),
+        ("global", True): transformers_niah(out / "niah_chunked.csv", "fastkvzip_chunked"),
+        ("uniform", False): transformers_niah(out / "niah_uniform.csv", "fastkvzip_uniform"),
+        ("uniform", True): transformers_niah(out / "niah_uniform_chunked.csv", "fastkvzip_uniform_chunked"),
     }
 
 
@@ -253,16 +269,17 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
     plain = next(r for r in rows if r["config"] == "plain vLLM")
     base = next((r for r in rows if r["ratio"] == 0.0 and r["config"] != "plain vLLM"), plain)
     fields = [
-        "config", "ratio", "chunk_size", "peak_running", "output_tok_s", "median_ttft_s", "median_itl_ms",
-        "peak_blocks", "mean_blocks", "wall_s", "output_tokens", "niah_correct", "niah_contexts",
-        "niah_transformers_correct",
+        "config", "ratio", "budget", "chunk_size", "peak_running", "output_tok_s", "median_ttft_s", "median_itl_ms",
+        "peak_blocks", "mean_blocks", "blocks_after", "kept_share", "wall_s", "output_tokens", "niah_correct",
+        "niah_contexts", "niah_transformers_correct",
     ]  # fmt: skip
     references = reference_niah(out)
     for row in rows:
         records = niah.get(row["config"])
         row["niah_correct"] = sum(r["score"] for r in records) if records else None
         row["niah_contexts"] = len(records) if records else None
-        row["niah_reference"] = references[bool(row.get("chunk_size"))].get(row["ratio"]) if records else None
+        reference = references[(row.get("budget") or "global", bool(row.get("chunk_size")))]
+        row["niah_reference"] = reference.get(row["ratio"]) if records else None
         row["niah_transformers_correct"] = row["niah_reference"][0] if row["niah_reference"] else None
     with open(out / "vllm_serving.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
@@ -277,13 +294,16 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
         f"vLLM {args.vllm_version} (CPU, fp32, eager), {args.model_name}: {len(args.prompt_lengths)} requests "
         f"at once, prompts of {args.min_tokens}-{args.max_tokens} tokens, {args.output_tokens} output tokens each; "
         f"a pool of {args.pool_blocks - 1} blocks of {args.block_size} tokens ({pool_tokens} tokens). Ratios against "
-        "plain vLLM for throughput and latency; running requests against the same engine at ratio 0 (plain "
-        'vLLM\'s scheduling; its own engine writes no scheduler steps). "chunks of N": an engine that compacts '
-        "every N prompt tokens during the prefill (`chunk_size`), compared on NIAH with "
-        "`FastKVzipPress(uniform=True, chunk_size=N)`.",
+        "plain vLLM for throughput and latency; running requests against the engine with Fast KVzip at ratio 0 "
+        "(plain vLLM's scheduling; plain vLLM's own engine writes no scheduler steps). \"global\": one budget over "
+        "all layers and KV heads, each head keeping its own count (`FastKVzipPress()`); \"uniform\": the same count "
+        'in every layer and head. "chunks of N": an engine that compacts every N prompt tokens during the prefill '
+        "(`chunk_size`). \"blocks after / share\": mean blocks a request holds right after its prompt's compaction, "
+        "and its kept pairs' share of blocks. NIAH through the engine beside the transformers press with the same "
+        "budget and chunking.",
         "",
         "| configuration | peak running | x | output tok/s | x plain | wall s | median TTFT s | median ITL ms "
-        "| peak blocks | mean blocks | NIAH (engine) | NIAH (transformers, uniform) |",
+        "| peak blocks | blocks after / share | NIAH (engine) | NIAH (transformers) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -294,10 +314,12 @@ def write_report(rows: list[dict], niah: dict, args, out: Path, command: str) ->
         )
         niah_engine = f"{row['niah_correct']:.0f}/{row['niah_contexts']}" if row["niah_contexts"] else "—"
         niah_hf = row["niah_reference"]
+        held = row.get("blocks_after")
+        held = "—" if held is None else f"{held:.1f} / {row['kept_share']:.1f}"
         lines.append(
             f"| {row['config']} | {fmt(row['peak_running'], 'd')} | {running_x} | {row['output_tok_s']:.1f} "
             f"| {row['output_tok_s'] / plain['output_tok_s']:.2f} | {row['wall_s']:.0f} | {row['median_ttft_s']:.1f} "
-            f"| {row['median_itl_ms']:.1f} | {fmt(row['peak_blocks'], 'd')} | {fmt(row['mean_blocks'], '.1f')} "
+            f"| {row['median_itl_ms']:.1f} | {fmt(row['peak_blocks'], 'd')} | {held} "
             f"| {niah_engine} | {'—' if niah_hf is None else f'{niah_hf[0]:.0f}/{niah_hf[1]}'} |"
         )
     if prefill is not None:
@@ -325,15 +347,22 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["config"] for r in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     axes[0].bar(names, [r["peak_running"] or 0 for r in rows], color="#4c72b0")
     axes[0].set_title("peak running requests")
     axes[1].bar(names, [r["output_tok_s"] for r in rows], color="#55a868")
     axes[1].set_title("output tokens / s")
-    axes[2].bar(names, [r["median_itl_ms"] for r in rows], color="#c44e52")
-    axes[2].set_title("median inter-token latency (ms)")
+    with_niah = [r for r in rows if r.get("niah_contexts")]
+    positions = range(len(with_niah))
+    engine = [100 * r["niah_correct"] / r["niah_contexts"] for r in with_niah]
+    reference = [100 * r["niah_reference"][0] / r["niah_reference"][1] if r["niah_reference"] else 0 for r in with_niah]
+    axes[2].bar([p - 0.2 for p in positions], engine, width=0.4, label="engine", color="#c44e52")
+    axes[2].bar([p + 0.2 for p in positions], reference, width=0.4, label="transformers", color="#8172b2")
+    axes[2].set_xticks(list(positions), [r["config"] for r in with_niah])
+    axes[2].set_title("NIAH accuracy (%)")
+    axes[2].legend(fontsize=8)
     for axis in axes:
-        axis.tick_params(axis="x", rotation=20)
+        axis.tick_params(axis="x", rotation=60, labelsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -363,10 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     events = Path(tempfile.mkdtemp(prefix="vllm-serving-")) / "events.jsonl"
-    rows, _ = asyncio.run(run_engine(args, model, None, [("plain vLLM", None)], prompts, [], prefill_row=True))
-    configurations = [(f"fastkvzip {ratio}" if ratio else "ratio 0 (no compaction)", ratio) for ratio in args.ratios]
+    plain = [("plain vLLM", None, None)]
+    rows, _ = asyncio.run(run_engine(args, model, None, plain, prompts, [], prefill_row=True))
+    compressed = [(f"{budget} {ratio}", ratio, budget) for budget in args.budgets for ratio in args.ratios]
+    configurations = [("ratio 0 (no compaction)", 0.0, None), *compressed]
     more, niah_records = asyncio.run(run_engine(args, model, events, configurations, prompts, niah))
-    chunked = [(f"fastkvzip {ratio}, chunks of {args.chunk_size}", ratio) for ratio in args.ratios if ratio]
+    chunked = [(f"{name}, chunks of {args.chunk_size}", ratio, budget) for name, ratio, budget in compressed]
     if args.chunk_size and chunked:
         rows_chunked, niah_chunked = asyncio.run(
             run_engine(args, model, events, chunked, prompts, niah, args.chunk_size)

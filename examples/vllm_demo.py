@@ -4,8 +4,8 @@ and without compression, and what each request stored.
     make vllm-demo                      # the default model, ratio 0.5, fp32 on CPU
     .venv-vllm/bin/python examples/vllm_demo.py --context-file F --question Q [--question Q2] [--ratio 0.75]
 
-Each request's prompt (the context and its question) is compacted after its prefill: every layer and KV head keeps
-the same number of pairs, each head its own, and the blocks past them go back to vLLM's pool.
+Each request's prompt (the context and its question) is compacted after its prefill with one budget over all layers
+and KV heads: each head keeps its own number of pairs in vLLM's memory, and the blocks past them go back to the pool.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Q: {question}\nA: {output.outputs[0].text.strip()}")
             record = compactions.get(len(prompt)) if ratio else None
             if record:
+                heads = record["heads"]
                 print(
-                    f"   {record['prompt_tokens']} prompt tokens, {record['kept_tokens']} kept per layer and KV head; "
+                    f"   {record['prompt_tokens']} prompt tokens, {record['kept_pairs']} of "
+                    f"{record['prompt_tokens'] * heads} pairs kept over {heads} layers x KV heads; "
                     f"blocks {record['blocks_before']} -> {record['blocks_after']}"
                 )
             else:

@@ -134,6 +134,8 @@ class FastKVzipScheduler(Scheduler):
                 prompt_tokens=account.schedule.prompt_tokens,
                 computed_tokens=point.end,
                 kept_pairs=point.kept + self.fastkvzip.heads * point.undecided,
+                heads=self.fastkvzip.heads,
+                block_size=self.fastkvzip.block_size,
                 counted_tokens=self.fastkvzip.counted_tokens(request_id, computed),
                 blocks_before=keep + len(tail),
                 blocks_after=keep,
