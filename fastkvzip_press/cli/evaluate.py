@@ -90,11 +90,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fastkvzip_press.atomic import remove_stale_temporaries
     from fastkvzip_press.evaluation.comparison import check_plan, make_dataset
     from fastkvzip_press.evaluation.registry import PressResources
     from fastkvzip_press.evaluation.report import write_report
     from fastkvzip_press.evaluation.results import collect_runs
-    from fastkvzip_press.gates.atomic import remove_stale_temporaries
     from fastkvzip_press.models import load_model, tokenizer_folder
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
 

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastkvzip_press.atomic import atomic_write
 from fastkvzip_press.checks import require_int, require_real
-from fastkvzip_press.gates.atomic import atomic_write
 from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank, SinkGate
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.training.features import LayerFeatures, LayerSource
 
 logger = logging.getLogger(__name__)
