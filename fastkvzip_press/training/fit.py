@@ -1,4 +1,4 @@
-"""Fitting one sink gate per gated layer to KVzip targets (research/fastkvzip.md §2.5 defaults).
+"""Fitting one sink gate per gated layer to KVzip targets (the paper's defaults; docs/method.md#the-fit).
 
 Loss: BCE with soft targets, mean over tokens, summed over KV heads and layers. Optimiser: SGD with momentum 0.9,
 learning rate 0.2 with a linear warm-up to half the rate over ``warmup_steps``, the full rate until half of the

@@ -1,6 +1,6 @@
 """KVzip importance scores (the gate training targets) by context reconstruction.
 
-Algorithm (research/fastkvzip.md §7; KVzip, arXiv 2505.23416):
+Algorithm (KVzip, arXiv 2505.23416; docs/method.md#training-targets-kvzip-scores):
 
 1. Prefill ``[prefix | context]`` into a fresh dense ``DynamicCache`` (optionally in chunks, never evicting). Forward
    hooks on the attention modules keep the post-input-layernorm hidden states of the context positions for the
