@@ -115,7 +115,7 @@ vllm-demo: $(VLLM_STAMP) $(STAMP)
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests_vllm
 
-# The README's RULER-style results on the default model (about 90 min on 2 CPU cores; finished runs are skipped).
+# The RULER-style results of docs/results.md on the default model (about 90 min on 2 CPU cores; finished runs are skipped).
 RESULTS ?= results/ruler-local
 EVAL := $(BIN)/fastkvzip-press eval --dataset ruler-local --samples 2 --max-new-tokens 48 --out $(RESULTS)
 results: $(STAMP)
@@ -124,4 +124,4 @@ results: $(STAMP)
 		fastkvzip knorm streaming_llm snapkv expected_attention tova kvzip
 	$(EVAL) --data-dir 4096 --ratios 0.5 0.75 --presses no_press \
 		fastkvzip_press fastkvzip knorm streaming_llm snapkv expected_attention
-	$(BIN)/fastkvzip-press eval-report $(RESULTS) --out benchmarks/results --readme README.md
+	$(BIN)/fastkvzip-press eval-report $(RESULTS) --out benchmarks/results --readme docs/results.md

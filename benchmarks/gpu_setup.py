@@ -235,7 +235,7 @@ def kv_watch(model, cache, limit: int | None = None) -> Iterator[list[int]]:
     """Record the peak KV bytes of ``cache`` after every attention layer (before that layer's eviction: registered
     ahead of the press's hooks); with ``limit``, raise :class:`OverBudget` once it is passed."""
     from fastkvzip_press import kv_cache_bytes
-    from fastkvzip_press.gates import decoder_layers
+    from fastkvzip_press.layout import decoder_layers
 
     peak = [0]
 

@@ -21,7 +21,7 @@ _EXPORTS = {
     "GateFileError": "fastkvzip_press.gates",
     "GateFileNotFoundError": "fastkvzip_press.gates",
     "GateMismatchError": "fastkvzip_press.gates",
-    "ModelLayout": "fastkvzip_press.gates",
+    "ModelLayout": "fastkvzip_press.layout",
     "RaggedLayer": "fastkvzip_press.cache",
     "SinkGate": "fastkvzip_press.gates",
     "kv_cache_bytes": "fastkvzip_press.cache",
@@ -53,11 +53,11 @@ if TYPE_CHECKING:
         GateFileError,
         GateFileNotFoundError,
         GateMismatchError,
-        ModelLayout,
         SinkGate,
         load_gates,
         save_gates,
     )
+    from fastkvzip_press.layout import ModelLayout
     from fastkvzip_press.presses import FastKVzipDecodingPress, FastKVzipPress, FastKVzipScorerPress
 
 

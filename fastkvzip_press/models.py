@@ -34,7 +34,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from fastkvzip_press.gates.atomic import atomic_write, folder_problem
+from fastkvzip_press.atomic import atomic_write, folder_problem
 
 logger = logging.getLogger(__name__)
 

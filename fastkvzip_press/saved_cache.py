@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from fastkvzip_press.atomic import target_problem
 from fastkvzip_press.cache import RaggedLayer, enable_ragged_attention
 from fastkvzip_press.cache.cache_file import (
     FORMAT_VERSION,
@@ -31,9 +32,9 @@ from fastkvzip_press.cache.cache_file import (
     token_ids_digest,
     write_cache_file,
 )
-from fastkvzip_press.cache.stored import cache_batch_size, cache_tensors, check_layers
+from fastkvzip_press.cache.compaction import Rollback
+from fastkvzip_press.cache.stored import cache_batch_size, cache_tensors, cast_layers, check_layers
 from fastkvzip_press.checks import KnobTypeError, require_bool, require_int
-from fastkvzip_press.gates.atomic import target_problem
 from fastkvzip_press.presses.compaction import masked_keys, restore_masked_keys
 
 __all__ = [
@@ -228,19 +229,10 @@ def load_cache(
     masks = {i: tensors[f"layers.{i}.masked"] for i, layer in enumerate(header["layers"]) if layer.get("masked")}
     restore_masked_keys(model, masks, device)
     if dtype is not None:
-        _cast(cache, dtype)
+        cast_layers(cache, dtype)
     if any(isinstance(layer, RaggedLayer) for layer in cache.layers):
         enable_ragged_attention(model)
     return LoadedCache(cache, header, allow_other_model)
-
-
-def _cast(cache: DynamicCache, dtype: torch.dtype) -> None:
-    for layer in cache.layers:
-        if isinstance(layer, RaggedLayer):
-            layer.key_buffer, layer.value_buffer = layer.key_buffer.to(dtype), layer.value_buffer.to(dtype)
-        else:
-            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
-        layer.dtype = dtype
 
 
 def _question_tensors(question_ids, vocab_size: int, device: torch.device) -> list[torch.Tensor]:
@@ -279,26 +271,6 @@ def _question_tensors(question_ids, vocab_size: int, device: torch.device) -> li
             raise ValueError(f"question {i} holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
         questions.append(question.to(device, torch.int64).view(1, -1))
     return questions
-
-
-class _Rollback:
-    """Puts a cache back to the context it held when made: each layer cropped, sliding-window layers restored."""
-
-    def __init__(self, cache: DynamicCache) -> None:
-        self.cache = cache
-        self.length = cache.get_seq_length()
-        self.sliding = {
-            i: (layer.keys, layer.values, layer.cumulative_length)
-            for i, layer in enumerate(cache.layers)
-            if getattr(layer, "is_sliding", False)
-        }
-
-    def __call__(self) -> None:
-        for index, layer in enumerate(self.cache.layers):
-            if index in self.sliding:
-                layer.keys, layer.values, layer.cumulative_length = self.sliding[index]
-            else:
-                layer.crop(self.length)
 
 
 def _greedy_answer(model: PreTrainedModel, cache: DynamicCache, question: torch.Tensor, limit: int, stop) -> list[int]:
@@ -342,7 +314,7 @@ def answer_questions(
     questions = _question_tensors(question_ids, model.get_input_embeddings().num_embeddings, device)
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    rollback = _Rollback(loaded.cache)
+    rollback = Rollback(loaded.cache)
     answers = []
     try:
         for question in tqdm(questions, desc="questions", unit="question", disable=not progress, leave=False):

@@ -1,5 +1,6 @@
-"""The package's shape: the import graph has no cycle, the core imports no kvpress nor the layers above it, the
-decision and the cache surgery each live in one place, and the public names import."""
+"""The package's shape: every module sits in a layer (bottom, core, adapters), the import graph has no cycle and
+points down only, the core imports no kvpress, gates/ is imported for gates only, the decision and the cache surgery
+each live in one place, and the public names import."""
 
 import ast
 import subprocess
@@ -9,8 +10,21 @@ from pathlib import Path
 import fastkvzip_press
 
 PACKAGE = Path(fastkvzip_press.__file__).parent
+# Every top-level module or package of fastkvzip_press, by layer; a module imports only its own layer or the ones
+# below (adapters may use one another as listed in ADAPTER_USES).
+BOTTOM = ("layout", "atomic", "checks")
 CORE = ("gates", "eviction", "cache", "triton", "paged")
-ABOVE_CORE = ("presses", "training", "evaluation", "cli", "models")
+ADAPTERS = ("presses", "saved_cache", "vllm", "training", "evaluation", "models", "cli")
+ADAPTER_USES = {
+    "presses": set(),
+    "saved_cache": {"presses"},  # masked contexts put kvpress's masked positions back
+    "vllm": {"models"},  # runs where kvpress cannot be installed (vLLM needs transformers >= 5.16, kvpress < 5.3)
+    "training": {"models"},
+    "evaluation": {"presses", "models"},
+    "models": set(),
+    "cli": {"presses", "saved_cache", "training", "evaluation", "models"},
+}
+ABOVE_CORE = ADAPTERS
 
 
 def module_name(path: Path) -> str:
@@ -36,6 +50,45 @@ MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
 def package_graph() -> dict[str, set[str]]:
     """Module -> the package's modules it imports (a package import counts as its ``__init__``)."""
     return {name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in MODULES.items()}
+
+
+def layer_of(module: str) -> str | None:
+    """The top-level part of a package module's name (``None`` for the package itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_down():
+    layers = {**dict.fromkeys(BOTTOM, 0), **dict.fromkeys(CORE, 1), **dict.fromkeys(ADAPTERS, 2)}
+    unplaced = {layer_of(name) for name in MODULES} - set(layers) - {None}
+    assert not unplaced, f"modules in no layer of tests/test_package.py: {sorted(unplaced)}"
+    for name, edges in package_graph().items():
+        here = layer_of(name)
+        for imported in edges:
+            there = layer_of(imported)
+            if here is None or there is None or there == here:
+                continue
+            allowed = (
+                layers[there] < layers[here]
+                or layers[there] == layers[here] == 1  # core packages build on one another (no cycle: see below)
+                or there in ADAPTER_USES.get(here, set())
+            )
+            assert allowed, f"{name} imports {imported}: {there} is not below {here}"
+
+
+def test_gates_are_imported_for_gates_only():
+    """Model geometry and file writing live in their own modules at the bottom; what imports gates/ uses gates."""
+    gate_names = set(__import__("fastkvzip_press.gates", fromlist=["__all__"]).__all__)
+    for name, path in MODULES.items():
+        if layer_of(name) == "gates":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastkvzip_press.gates"):
+                names = {alias.name for alias in node.names}
+                if node.module == "fastkvzip_press.gates":
+                    assert names <= gate_names, f"{name} imports {names - gate_names} from gates"
+                else:
+                    assert node.module in ("fastkvzip_press.gates.gate", "fastkvzip_press.gates.formats"), name
 
 
 def test_the_core_imports_neither_kvpress_nor_what_sits_above_it():
@@ -108,18 +161,33 @@ def test_one_decision_function_and_one_writer_of_cache_layers_and_masked_indices
         "fastkvzip_press.presses.prefill",  # one-pass prefill
         "fastkvzip_press.presses.decoding",  # decoding
     }
-    layer_writers, mask_writers = set(), set()
+    layer_writers, tensor_writers, mask_writers = set(), set(), set()
     for name, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Assign):
-                for target in node.targets:
-                    text = ast.unparse(target)
-                    if ".layers[" in text:
-                        layer_writers.add(name)
-                    if text.endswith(".masked_key_indices"):
-                        mask_writers.add(name)
+            if isinstance(node, ast.Assign | ast.AugAssign):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for element in target.elts if isinstance(target, ast.Tuple) else [target]:
+                        text = ast.unparse(element)
+                        if isinstance(element, ast.Subscript) and text.endswith("]") and ".layers[" in text:
+                            layer_writers.add(name)  # a cache's layer replaced
+                        if cache_layer_tensor(element):
+                            tensor_writers.add(name)  # a cache layer's tensors replaced or written in place
+                        if text.endswith(".masked_key_indices"):
+                            mask_writers.add(name)
     assert layer_writers == {"fastkvzip_press.cache.compaction"}
+    assert tensor_writers <= {f"fastkvzip_press.cache.{module}" for module in ("compaction", "stored", "ragged_layer")}
     assert mask_writers == {"fastkvzip_press.presses.compaction"}
+
+
+def cache_layer_tensor(target: ast.expr) -> bool:
+    """Whether an assignment target is a cache layer's key or value tensor (``layer.keys``, ``cache.layers[i].values``,
+    ``layer.key_buffer[...]``): the object written is named like a layer."""
+    while isinstance(target, ast.Subscript):
+        target = target.value
+    if not isinstance(target, ast.Attribute) or target.attr not in ("keys", "values", "key_buffer", "value_buffer"):
+        return False
+    owner = ast.unparse(target.value)
+    return owner.endswith("layer") or ".layers[" in owner
 
 
 def test_public_names_import_lazily_and_all_of_them_resolve():

@@ -11,7 +11,8 @@ from vllm_helpers import build_tiny_model
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, tuple[Path, Path, object, object]]:
     """arch -> (model folder, gate folder, transformers model, gate bank)."""
-    from fastkvzip_press.gates import GateBank, ModelLayout, save_gates
+    from fastkvzip_press.gates import GateBank, save_gates
+    from fastkvzip_press.layout import ModelLayout
 
     built = {}
     for arch in ("llama", "qwen3"):

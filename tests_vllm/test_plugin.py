@@ -60,6 +60,48 @@ def test_an_engine_fast_kvzip_cannot_serve_is_refused_before_it_starts(tiny_mode
         LLM(model=str(model_dir), additional_config={"fastkvzip": section}, **engine_options(**overrides))
 
 
+@pytest.mark.parametrize("make_gates", ["empty folder", "text file"])
+def test_gates_that_cannot_be_read_are_refused_before_the_engine_starts(tiny_models, tmp_path, make_gates):
+    from vllm import LLM
+
+    from fastkvzip_press.vllm.seam.config import EngineConfigError
+
+    model_dir, _, _, _ = tiny_models["llama"]
+    gates = tmp_path / "gates"
+    if make_gates == "empty folder":
+        gates.mkdir()
+    else:
+        gates.write_text("not gates")
+    with pytest.raises(EngineConfigError, match=f"fastkvzip.gates '{gates}'"):
+        LLM(model=str(model_dir), additional_config={"fastkvzip": {"gates": str(gates)}}, **engine_options())
+
+
+def test_a_misspelt_section_is_refused_instead_of_serving_uncompressed(tiny_models):
+    from vllm import LLM
+
+    from fastkvzip_press.vllm.seam.config import EngineConfigError
+
+    model_dir, gates, _, _ = tiny_models["llama"]
+    with pytest.raises(EngineConfigError, match="additional_config has 'fastkvzp', not 'fastkvzip'"):
+        LLM(model=str(model_dir), additional_config={"fastkvzp": {"gates": str(gates)}}, **engine_options())
+
+
+def test_the_serve_command_ends_a_configuration_mistake_in_one_line(tiny_models):
+    import json
+    import subprocess
+    import sys
+
+    model_dir, gates, _, _ = tiny_models["llama"]
+    section = json.dumps({"fastkvzip": {"gates": str(gates), "ratio": 2}})
+    done = subprocess.run(
+        [sys.executable, "-m", "fastkvzip_press.vllm", "serve", str(model_dir), "--additional-config", section],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: additional_config['fastkvzip']: fastkvzip.ratio")
+    assert "Traceback" not in done.stderr
+
+
 def test_another_models_gates_are_refused_naming_the_setting_that_accepts_them(tiny_models, tmp_path):
     from vllm import LLM
 

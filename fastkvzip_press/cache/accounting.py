@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Cache, PreTrainedModel
 
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.layout import ModelLayout
 
 
 def kv_cache_bytes(cache: Cache) -> int:

@@ -23,10 +23,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, PretrainedConfig
 
+from fastkvzip_press.atomic import atomic_write, remove_stale_temporaries_of
 from fastkvzip_press.cache.accounting import kv_cache_bytes
 from fastkvzip_press.cache.stored import LAYER_KINDS, cache_from_tensors
-from fastkvzip_press.gates.atomic import atomic_write, remove_stale_temporaries_of
-from fastkvzip_press.gates.gate import model_name
+from fastkvzip_press.layout import model_name
 
 logger = logging.getLogger(__name__)
 

@@ -125,3 +125,30 @@ def take_scores(cache: Cache, layer_id: int) -> list[torch.Tensor] | None:
 def replace_layer(cache: Cache, layer_id: int, layer: CacheLayerMixin) -> None:
     """Put ``layer`` in place of ``cache.layers[layer_id]`` (a cache restored from a file)."""
     cache.layers[layer_id] = layer
+
+
+def keep_first_tokens(cache: Cache, length: int) -> None:
+    """Cut every dense layer of ``cache`` to its first ``length`` tokens (a replayed chunk dropped again)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
+
+
+class Rollback:
+    """Puts a cache back to the context it held when made: each layer cropped, sliding-window layers restored."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.length = cache.get_seq_length()
+        self.sliding = {
+            i: (layer.keys, layer.values, layer.cumulative_length)
+            for i, layer in enumerate(cache.layers)
+            if getattr(layer, "is_sliding", False)
+        }
+
+    def __call__(self) -> None:
+        for index, layer in enumerate(self.cache.layers):
+            if index in self.sliding:
+                layer.keys, layer.values, layer.cumulative_length = self.sliding[index]
+            else:
+                layer.crop(self.length)

@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PretrainedConfig
+from transformers import Cache, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from fastkvzip_press.cache.compaction import replace_layer
 from fastkvzip_press.cache.ragged_layer import DEFAULT_SPARE_TOKENS, POSITIONS, RaggedLayer
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.layout import ModelLayout
 
 LAYER_KINDS = ("dense", "sliding", "ragged")
 # Without max_position_embeddings, the positions a RaggedLayer's int32 "positions" column can hold.
@@ -265,3 +265,14 @@ def cache_batch_size(cache: DynamicCache) -> int:
     """How many sequences a filled cache holds."""
     layer = cache.layers[0]
     return layer.batch_size if isinstance(layer, RaggedLayer) else layer.keys.shape[0]
+
+
+def cast_layers(cache: Cache, dtype: torch.dtype) -> None:
+    """Convert every layer's keys and values of ``cache`` to ``dtype`` in place (a saved context loaded for a model
+    of another dtype)."""
+    for layer in cache.layers:
+        if isinstance(layer, RaggedLayer):
+            layer.key_buffer, layer.value_buffer = layer.key_buffer.to(dtype), layer.value_buffer.to(dtype)
+        else:
+            layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+        layer.dtype = dtype

@@ -110,6 +110,24 @@ def add_model_cache(command: argparse.ArgumentParser) -> None:
     )
 
 
+def add_dataset_flags(command: argparse.ArgumentParser, data_dir_meaning: str) -> None:
+    """``--dataset`` and ``--data-dir``: which generated dataset, at which context lengths (``eval``,
+    ``export-dataset``)."""
+    from fastkvzip_press.evaluation.datasets import DATASETS
+
+    command.add_argument(
+        "--dataset", choices=DATASETS, default="ruler-local", help="which generated dataset (default: ruler-local)"
+    )
+    command.add_argument(
+        "--data-dir",
+        type=integer(64),
+        nargs="+",
+        default=[4096],
+        metavar="TOKENS",
+        help=f"context length(s) in tokens, >= 64 ({data_dir_meaning}default: 4096)",
+    )
+
+
 def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer in ``[minimum, maximum]`` (checked by
     :func:`~fastkvzip_press.checks.require_int`)."""

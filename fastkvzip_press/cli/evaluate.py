@@ -6,9 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from fastkvzip_press.cli.arguments import add_command, add_model_cache, fraction, integer
+from fastkvzip_press.cli.arguments import add_command, add_dataset_flags, add_model_cache, fraction, integer
 from fastkvzip_press.cli.press_flags import add_gates_argument, gate_bank_for
-from fastkvzip_press.evaluation.datasets import DATASETS
 from fastkvzip_press.evaluation.registry import press_names_help
 from fastkvzip_press.evaluation.ruler import RULER_TASKS
 
@@ -30,17 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         example=EXAMPLE,
         other_model=True,
     )
-    command.add_argument(
-        "--dataset", choices=DATASETS, default="ruler-local", help="which generated dataset (default: ruler-local)"
-    )
-    command.add_argument(
-        "--data-dir",
-        type=integer(64),
-        nargs="+",
-        default=[4096],
-        metavar="TOKENS",
-        help="context length(s) in tokens, >= 64 (kvpress's data_dir; default: 4096)",
-    )
+    add_dataset_flags(command, "kvpress's data_dir; ")
     command.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct) or a local model folder")
     command.add_argument(
         "--presses",
@@ -90,11 +79,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fastkvzip_press.atomic import remove_stale_temporaries
     from fastkvzip_press.evaluation.comparison import check_plan, make_dataset
     from fastkvzip_press.evaluation.registry import PressResources
     from fastkvzip_press.evaluation.report import write_report
     from fastkvzip_press.evaluation.results import collect_runs
-    from fastkvzip_press.gates.atomic import remove_stale_temporaries
     from fastkvzip_press.models import load_model, tokenizer_folder
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastkvzip_press.cli.arguments import add_command, add_model_cache, integer
-from fastkvzip_press.evaluation.datasets import DATASETS
+from fastkvzip_press.cli.arguments import add_command, add_dataset_flags, add_model_cache, integer
 from fastkvzip_press.evaluation.ruler import RULER_TASKS
 
 EXAMPLE = "fastkvzip-press export-dataset --dataset ruler-local --data-dir 4096 --samples 10 --out data/ruler-local"
@@ -18,17 +17,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         summary="write a generated dataset as parquet for kvpress's evaluate.py",
         example=EXAMPLE,
     )
-    command.add_argument(
-        "--dataset", choices=DATASETS, default="ruler-local", help="which generated dataset (default: ruler-local)"
-    )
-    command.add_argument(
-        "--data-dir",
-        type=integer(64),
-        nargs="+",
-        default=[4096],
-        metavar="TOKENS",
-        help="context length(s) in tokens, >= 64 (default: 4096)",
-    )
+    add_dataset_flags(command, "")
     command.add_argument("--model", default="default", help="whose tokenizer fits the lengths: 'default' or a folder")
     command.add_argument(
         "--samples", type=integer(1), default=10, help="samples per task (ruler-local) or contexts (niah-local), >= 1"

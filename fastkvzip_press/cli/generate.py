@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from fastkvzip_press.gates import ModelLayout
+    from fastkvzip_press.layout import ModelLayout
     from fastkvzip_press.models import load_default_model
     from fastkvzip_press.presses.pipeline import kvpress_pipeline
 

@@ -30,7 +30,7 @@ def read_context(path: Path) -> str:
 def check_output_file(out: Path, flag: str, example: str, inputs: dict[str, Path]) -> None:
     """Refuse an output path that cannot be written or must not be replaced: a folder, a device or other
     non-regular file, one of the command's ``inputs`` (flag -> path), a folder where no file can be created."""
-    from fastkvzip_press.gates.atomic import target_problem  # the gates package imports torch
+    from fastkvzip_press.atomic import target_problem  # the gates package imports torch
 
     problem = target_problem(out)
     if problem == "is a folder":

@@ -96,7 +96,8 @@ def setting(args: argparse.Namespace, name: str):
 def gate_bank_for(args: argparse.Namespace, model):
     """The gates ``--gates`` names, checked against ``model``: 'default' (shipped, else released), 'random'
     (untrained, seeded by ``--seed``) or a gate file or folder."""
-    from fastkvzip_press.gates import GateBank, ModelLayout, load_gates
+    from fastkvzip_press.gates import GateBank, load_gates
+    from fastkvzip_press.layout import ModelLayout
 
     gates = setting(args, "gates")
     if gates == "random":

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import Pipeline, PreTrainedTokenizerBase
 
+from fastkvzip_press.atomic import atomic_write
 from fastkvzip_press.evaluation.answers import answer_rows
 from fastkvzip_press.evaluation.datasets import DATASETS
 from fastkvzip_press.evaluation.haystack import stdlib_paragraphs, text_paragraphs
@@ -26,7 +27,6 @@ from fastkvzip_press.evaluation.results import (
     write_run,
 )
 from fastkvzip_press.evaluation.ruler import RULER_TASKS, make_ruler_samples, ruler_metrics
-from fastkvzip_press.gates.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from kvpress import KVzipPress
 from kvpress.presses.fastkvzip_press import FastKVzipGate
 from transformers import PreTrainedModel
 
-from fastkvzip_press.gates import GateBank, ModelLayout
+from fastkvzip_press.gates import GateBank
+from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.presses import FastKVzipPress
 from fastkvzip_press.presses.cache_position import pass_cache_position
 

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from fastkvzip_press.gates.atomic import atomic_write
+from fastkvzip_press.atomic import atomic_write
 
 # kvpress's dataset columns, the ones evaluate.py and its ruler scorer read.
 DATASET_COLUMNS = ("context", "question", "answer_prefix", "answer", "task", "max_new_tokens")

@@ -1,4 +1,6 @@
-"""Budget and progress of a chunked prefill with eviction after every chunk (research/fastkvzip.md §3.2).
+"""Budget and progress of a chunked prefill with eviction after every chunk.
+
+The method: docs/method.md#chunked-prefill-the-span-budget.
 
 The context is prefilled ``chunk_size`` tokens at a time. After each chunk, the tokens older than the last ``window``
 ones are decided (kept or evicted) once and for all; the most recent ``window`` tokens are deferred and judged with the

@@ -1,4 +1,4 @@
-"""Gates: the per-layer sink-attention gates that score every KV pair, their files, and the model geometry they fit.
+"""Gates: the per-layer sink-attention gates that score every KV pair, and their files.
 
 Core package: imports neither kvpress nor the presses.
 """
@@ -12,7 +12,6 @@ from fastkvzip_press.gates.formats import (
     write_released,
 )
 from fastkvzip_press.gates.gate import GateBank, GateMetadata, GateMismatchError, SinkGate
-from fastkvzip_press.gates.layout import ModelLayout, decoder_layers
 from fastkvzip_press.gates.loading import RELEASED_HUB_REPO, GateSource, load_gates, load_shipped, save_gates
 
 __all__ = [
@@ -23,9 +22,7 @@ __all__ = [
     "GateMetadata",
     "GateMismatchError",
     "GateSource",
-    "ModelLayout",
     "SinkGate",
-    "decoder_layers",
     "load_gates",
     "load_shipped",
     "read_native",

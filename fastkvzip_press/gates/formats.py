@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from fastkvzip_press.gates.atomic import atomic_write
+from fastkvzip_press.atomic import atomic_write
 from fastkvzip_press.gates.gate import GateBank, GateMetadata, SinkGate
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.layout import ModelLayout
 
 NATIVE_WEIGHTS = "gates.safetensors"
 NATIVE_METADATA = "gates.json"

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.layout import ModelLayout, model_name
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +146,6 @@ class GateMetadata:
 
 
 SIBLING_SUFFIXES = ("-instruct", "-chat", "-base", "-it")
-
-
-def model_name(model_id: str) -> str:
-    """The comparable part of a model id: the last path component, lowercased (a hub id or a local folder)."""
-    return model_id.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
 
 
 def sibling_models(first: str, second: str) -> bool:

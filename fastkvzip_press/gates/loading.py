@@ -24,8 +24,8 @@ from fastkvzip_press.gates.formats import (
     write_released,
 )
 from fastkvzip_press.gates.gate import GateBank
-from fastkvzip_press.gates.layout import ModelLayout
 from fastkvzip_press.gates.shipped import shipped_gates_path
+from fastkvzip_press.layout import ModelLayout
 
 RELEASED_HUB_REPO = "Jang-Hyun/Fast-KVzip"
 GateSource = str | Path | GateBank | None

@@ -28,6 +28,7 @@ class StepLayout:
         write_slots: ``[L, T, H]`` int64 flat pool slot (``block * block_size + offset``) of each new token's pair in
             every head.
         max_query_len: ``max(m_r)``.
+        num_tokens: ``T`` (on the host: no device read per layer).
         block_size: tokens per single-head block.
     """
 
@@ -37,6 +38,7 @@ class StepLayout:
     block_tables: torch.Tensor
     write_slots: torch.Tensor
     max_query_len: int
+    num_tokens: int
     block_size: int
 
     @property
@@ -71,5 +73,6 @@ def plan_step(tables: HeadTables, slots: np.ndarray, query_lens: np.ndarray, dev
         block_tables=torch.from_numpy(np.ascontiguousarray(block_tables)).to(device),
         write_slots=torch.from_numpy(write_slots).to(device),
         max_query_len=int(query_lens.max(initial=0)),
+        num_tokens=int(query_lens.sum()),
         block_size=tables.block_size,
     )

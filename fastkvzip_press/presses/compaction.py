@@ -19,7 +19,7 @@ from transformers import Cache, PreTrainedModel
 from fastkvzip_press.cache import compaction as cache_compaction
 from fastkvzip_press.cache.attention import enable_ragged_attention
 from fastkvzip_press.eviction import TailEviction
-from fastkvzip_press.gates.layout import decoder_layers
+from fastkvzip_press.layout import decoder_layers
 
 
 class Compaction:

@@ -18,7 +18,8 @@ from transformers import Cache, PreTrainedModel
 from fastkvzip_press.cache import attention_implementation
 from fastkvzip_press.checks import KnobTypeError, require_choice, require_int, require_real, require_window
 from fastkvzip_press.eviction import HeadTargetBudget, Protection, decide
-from fastkvzip_press.gates import GateBank, GateSource, decoder_layers
+from fastkvzip_press.gates import GateBank, GateSource
+from fastkvzip_press.layout import decoder_layers
 from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
 from fastkvzip_press.presses.cache_position import pass_cache_position
 from fastkvzip_press.presses.compaction import COMPACTIONS, Compaction, make_compaction

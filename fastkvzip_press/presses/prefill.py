@@ -24,7 +24,8 @@ from fastkvzip_press.eviction import (
     ThresholdBudget,
     decide,
 )
-from fastkvzip_press.gates import GateBank, GateSource, ModelLayout, decoder_layers
+from fastkvzip_press.gates import GateBank, GateSource
+from fastkvzip_press.layout import ModelLayout, decoder_layers
 from fastkvzip_press.presses.activation import enclosing_wrapper, exclusive
 from fastkvzip_press.presses.cache_position import pass_cache_position
 from fastkvzip_press.presses.chunked_prefill import ChunkedPrefill

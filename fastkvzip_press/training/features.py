@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fastkvzip_press.gates.atomic import atomic_write
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.atomic import atomic_write
+from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.training.corpus import Document
 from fastkvzip_press.training.distributed import Ranks
 

@@ -1,4 +1,4 @@
-"""Fitting one sink gate per gated layer to KVzip targets (research/fastkvzip.md §2.5 defaults).
+"""Fitting one sink gate per gated layer to KVzip targets (the paper's defaults; docs/method.md#the-fit).
 
 Loss: BCE with soft targets, mean over tokens, summed over KV heads and layers. Optimiser: SGD with momentum 0.9,
 learning rate 0.2 with a linear warm-up to half the rate over ``warmup_steps``, the full rate until half of the
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fastkvzip_press.atomic import atomic_write
 from fastkvzip_press.checks import require_int, require_real
-from fastkvzip_press.gates.atomic import atomic_write
 from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank, SinkGate
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.training.features import LayerFeatures, LayerSource
 
 logger = logging.getLogger(__name__)

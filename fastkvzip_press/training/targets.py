@@ -1,6 +1,6 @@
 """KVzip importance scores (the gate training targets) by context reconstruction.
 
-Algorithm (research/fastkvzip.md §7; KVzip, arXiv 2505.23416):
+Algorithm (KVzip, arXiv 2505.23416; docs/method.md#training-targets-kvzip-scores):
 
 1. Prefill ``[prefix | context]`` into a fresh dense ``DynamicCache`` (optionally in chunks, never evicting). Forward
    hooks on the attention modules keep the post-input-layernorm hidden states of the context positions for the
@@ -54,7 +54,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.llama.modeling_llama import rotate_half
 
-from fastkvzip_press.gates.layout import ModelLayout, decoder_layers
+from fastkvzip_press.cache.compaction import keep_first_tokens
+from fastkvzip_press.layout import ModelLayout, decoder_layers
 
 logger = logging.getLogger(__name__)
 
@@ -275,9 +276,7 @@ def kvzip_targets(
                 try:
                     base(input_ids=ids[None].to(device), past_key_values=cache, use_cache=True)
                 finally:
-                    for layer in cache.layers:
-                        layer.keys = layer.keys[:, :, :total]
-                        layer.values = layer.values[:, :, :total]
+                    keep_first_tokens(cache, total)  # the next replay sees the prefix and context only
     finally:
         for handle in handles:
             handle.remove()

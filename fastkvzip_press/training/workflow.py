@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from fastkvzip_press.atomic import atomic_write, remove_stale_temporaries
 from fastkvzip_press.checks import KnobTypeError, require_int, require_real
 from fastkvzip_press.gates import GateBank, save_gates
-from fastkvzip_press.gates.atomic import atomic_write, remove_stale_temporaries
-from fastkvzip_press.gates.layout import ModelLayout
+from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.training.corpus import BUILTIN, check_source, iter_documents
 from fastkvzip_press.training.distributed import Ranks, barrier, process_group
 from fastkvzip_press.training.features import (

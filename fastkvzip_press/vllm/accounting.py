@@ -7,12 +7,15 @@ request's :class:`~fastkvzip_press.vllm.schedule.RequestSchedule`, which the wor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fastkvzip_press.vllm.schedule import CompactionPoint, RequestSchedule
 from fastkvzip_press.vllm.settings import EngineSettings
+
+logger = logging.getLogger("vllm.fastkvzip.accounting")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class SchedulerAccounts:
         self.heads = heads
         self.block_size = block_size
         self._accounts: dict[str, Account] = {}
+        self._warned_whole = False
 
     def account(self, request_id: str, prompt_tokens: int, extra_args: Mapping[str, Any] | None) -> Account:
         account = self._accounts.get(request_id)
@@ -39,6 +43,13 @@ class SchedulerAccounts:
             request = self.settings.request(extra_args)
             schedule = self.settings.schedule(prompt_tokens, request, self.heads, self.block_size)
             account = self._accounts[request_id] = Account(schedule)
+            if schedule is None and request.ratio > 0 and not self._warned_whole:
+                self._warned_whole = True  # once per engine: short prompts are common, the cause is one setting
+                logger.warning(
+                    "a request of %d prompt tokens asks for compression but is kept whole: n_sink=%s and "
+                    "window_size=%s protect all of it (lower window_size to compact short prompts)",
+                    prompt_tokens, self.settings.n_sink, self.settings.window_size,
+                )  # fmt: skip
         return account
 
     def forget(self, request_id: str) -> None:

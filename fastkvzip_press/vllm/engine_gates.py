@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastkvzip_press.gates import GateBank, ModelLayout, load_gates, load_shipped
+from fastkvzip_press.gates import GateBank, load_gates, load_shipped
 from fastkvzip_press.gates.gate import GateMismatchError
+from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.vllm.settings import SECTION, EngineSettings
 
 

@@ -17,7 +17,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from fastkvzip_press.cache import enable_ragged_attention, evict_from_tail
-from fastkvzip_press.gates import GateBank, decoder_layers
+from fastkvzip_press.gates import GateBank
+from fastkvzip_press.layout import decoder_layers
 from fastkvzip_press.vllm.compaction import PointDecision, PromptCompaction
 from fastkvzip_press.vllm.settings import EngineSettings, RequestSettings
 

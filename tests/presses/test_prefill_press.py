@@ -4,7 +4,7 @@ from helpers import CONTEXT, QUESTIONS, make_pipeline
 from transformers import DynamicCache
 
 from fastkvzip_press import FastKVzipPress, GateBank, GateMismatchError, ModelLayout
-from fastkvzip_press.gates import decoder_layers
+from fastkvzip_press.layout import decoder_layers
 from fastkvzip_press.models import tiny_model
 
 

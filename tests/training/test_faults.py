@@ -13,7 +13,7 @@ import pytest
 from helpers import CONTEXT
 from safetensors import safe_open
 
-from fastkvzip_press.gates.atomic import remove_stale_temporaries
+from fastkvzip_press.atomic import remove_stale_temporaries
 from fastkvzip_press.models import tiny_model
 from fastkvzip_press.training import FitConfig, TrainConfig, train
 from fastkvzip_press.training.corpus import iter_documents

@@ -107,3 +107,12 @@ def test_random_traffic_never_oversubscribes_the_worker_pool(chunk_size, seed):
                 finished += 1
     assert finished == 30 and preempted > 0
     assert sim.free == sim.capacity and sim.pool.num_free == sim.pool.capacity, "every block comes back"
+
+
+def test_a_request_kept_whole_by_its_protection_is_said_once(caplog):
+    accounts = SchedulerAccounts(EngineSettings(window_size=500), HEADS, BLOCK)
+    accounts.account("a", 300, {"fastkvzip_ratio": 0.5})
+    accounts.account("b", 200, {"fastkvzip_ratio": 0.5})
+    accounts.account("c", 900, {"fastkvzip_ratio": 0.5})  # long enough: compacted
+    assert caplog.text.count("kept whole") == 1 and "window_size=500" in caplog.text
+    assert accounts.counted_tokens("a", 300) == 300

@@ -4,7 +4,8 @@ one, chunked or not — same greedy tokens, logprobs and pairs kept per head on 
 import pytest
 import torch
 
-from fastkvzip_press.gates import GateBank, ModelLayout
+from fastkvzip_press.gates import GateBank
+from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.models import tiny_model
 from fastkvzip_press.presses import FastKVzipPress
 from fastkvzip_press.vllm.reference import greedy_reference

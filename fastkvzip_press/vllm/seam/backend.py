@@ -70,7 +70,7 @@ class HeadwiseImpl(AttentionImpl):
         if attn_metadata is None or attn_metadata.step is None:  # warm-up and profiling runs
             return output
         store, step = attn_metadata.store, attn_metadata.step
-        tokens = int(step.query_start[-1])
+        tokens = step.num_tokens
         index = store.layer_index[layer.layer_name]
         store.attend(index, query[:tokens], key[:tokens], value[:tokens], self.scale, output[:tokens])
         return output

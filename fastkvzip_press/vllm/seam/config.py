@@ -5,6 +5,7 @@ with a ``"fastkvzip"`` section."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
@@ -88,6 +89,12 @@ def check_engine(vllm_config) -> EngineSettings | None:
     except ValueError as error:
         raise EngineConfigError(f"additional_config[{SECTION!r}]: {error}") from None
     if settings is None:
+        misspelt = close_to_section(vllm_config.additional_config)
+        if misspelt:
+            raise EngineConfigError(
+                f"additional_config has {misspelt!r}, not {SECTION!r}: Fast KVzip reads the {SECTION!r} section "
+                "(the engine would serve without compression)"
+            )
         return None
     import vllm
 
@@ -109,6 +116,15 @@ def check_engine(vllm_config) -> EngineSettings | None:
     except EngineGatesError as error:
         raise EngineConfigError(f"Fast KVzip cannot run in this vLLM engine: {error}") from None
     return settings
+
+
+def close_to_section(additional_config) -> str | None:
+    """A key of ``additional_config`` that looks like a misspelt ``"fastkvzip"`` (``None`` when there is none)."""
+    if not isinstance(additional_config, dict):
+        return None
+    keys = [key for key in additional_config if isinstance(key, str)]
+    close = difflib.get_close_matches(SECTION, [key.lower() for key in keys], n=1, cutoff=0.75)
+    return next((key for key in keys if close and key.lower() == close[0]), None)
 
 
 def _events_problem(path: str) -> list[str]:

@@ -18,7 +18,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker
 
-from fastkvzip_press.gates import decoder_layers
+from fastkvzip_press.layout import decoder_layers
 from fastkvzip_press.vllm.engine_gates import engine_gates
 from fastkvzip_press.vllm.headwise import Compacted, HeadwiseStore, TorchPath
 from fastkvzip_press.vllm.seam.backend import BACKEND, HeadwiseBuilder, NativeCPUPath, cpu_attention_isa

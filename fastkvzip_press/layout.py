@@ -1,4 +1,5 @@
-"""A model's attention geometry, which gate files are matched to, and where its decoder layers live."""
+"""A model's identity and attention geometry (what gate and cache files are matched to), and where its decoder layers
+live. At the bottom of the package: imports no other module of it."""
 
 from __future__ import annotations
 
@@ -61,3 +62,8 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     inner = model.model
     inner = getattr(inner, "language_model", inner)
     return inner.layers
+
+
+def model_name(model_id: str) -> str:
+    """The comparable part of a model id: the last path component, lowercased (a hub id or a local folder)."""
+    return model_id.rstrip("/\\").replace("\\", "/").split("/")[-1].lower()
