@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.6.0.dev0"
+__version__ = "0.6.0"
 
 _EXPORTS = {
     "EvictionStats": "fastkvzip_press.eviction",
