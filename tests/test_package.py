@@ -200,3 +200,16 @@ def test_the_package_reports_the_version_it_was_installed_as():
     from importlib.metadata import version
 
     assert fastkvzip_press.__version__ == version("fastkvzip-press")
+
+
+def test_modules_and_functions_stay_small():
+    """A module past 400 lines or a function past 80 is split along its jobs."""
+    too_long = []
+    for name, path in MODULES.items():
+        text = path.read_text()
+        if len(text.splitlines()) > 400:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+                too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "split these along their jobs:\n" + "\n".join(too_long)

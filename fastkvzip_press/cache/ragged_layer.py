@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from fastkvzip_press.cache.host_read import LastHostRead
+from fastkvzip_press.cache.ragged_batch import RaggedBatch
+from fastkvzip_press.cache.ragged_columns import POSITIONS, RaggedColumns
+from fastkvzip_press.cache.ragged_view import RaggedReads, RaggedView
 from fastkvzip_press.triton import ragged_append, ragged_compact
 
 DEFAULT_SPARE_TOKENS = 16
@@ -35,57 +37,9 @@ DEFAULT_SPARE_TOKENS = 16
 # appended token constant (about 1 / GROWTH rows per segment), for at most GROWTH more memory until the next
 # eviction; with fixed room the copies per token grew with the context (at 8k tokens: about 9 % of a decoding step).
 GROWTH = 1 / 8
-POSITIONS = "positions"  # the side column of logical positions, maintained by the layer itself
-# Beam search reorders every layer with the same index tensor at every step: read it on the host once.
-_last_order: LastHostRead[list[int]] = LastHostRead()
 
 
-class RaggedView:
-    """Stand-in for ``layer.keys`` / ``layer.values``: logical shape ``[B, H, T, D]`` and prefix slicing.
-
-    kvpress's pipeline rolls answers back with ``layer.keys = layer.keys[:, :, :n]``; a view sliced that way and
-    assigned back truncates the layer to ``n`` logical tokens. Anything else raises with a pointer to the real
-    accessors (:meth:`RaggedLayer.head_keys`, :meth:`RaggedLayer.to_padded`).
-    """
-
-    def __init__(self, layer: RaggedLayer, length: int):
-        self.layer = layer
-        self.length = length
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.layer.batch_size, self.layer.num_heads, self.length, self.layer.head_dim))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layer.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.layer.device
-
-    def __getitem__(self, index: Any) -> RaggedView:
-        parts = list(index) if isinstance(index, tuple) else [index]
-        if Ellipsis in parts:
-            at = parts.index(Ellipsis)
-            parts[at : at + 1] = [slice(None)] * (4 - len(parts) + 1)
-        parts += [slice(None)] * (4 - len(parts))
-        seq = parts[2]
-        whole = all(part == slice(None) for i, part in enumerate(parts) if i != 2)
-        if not whole or not isinstance(seq, slice) or seq.start not in (None, 0) or seq.step not in (None, 1):
-            raise TypeError(
-                "a ragged cache layer supports only prefix slices along the sequence, as in keys[:, :, :n]; "
-                "use RaggedLayer.head_keys(h) or RaggedLayer.to_padded() to read its tensors"
-            )
-        stop = self.length if seq.stop is None else seq.stop
-        stop = stop + self.length if stop < 0 else stop
-        return RaggedView(self.layer, max(0, min(stop, self.length)))
-
-    def __repr__(self) -> str:
-        return f"RaggedView(shape={tuple(self.shape)}, dtype={self.dtype})"
-
-
-class RaggedLayer(CacheLayerMixin):
+class RaggedLayer(RaggedReads, RaggedColumns, RaggedBatch, CacheLayerMixin):
     """One attention layer's KV cache stored head by head: storage only.
 
     Attributes:
@@ -228,119 +182,6 @@ class RaggedLayer(CacheLayerMixin):
             bounds.append((start, length))
             start += capacity
         return bounds
-
-    def _rows(self, buffer: torch.Tensor, head: int, sequence: int) -> torch.Tensor:
-        start, length = self.segment_bounds()[self.segment(head, sequence)]
-        return buffer[start : start + length]
-
-    def head_keys(self, head: int, sequence: int = 0) -> torch.Tensor:
-        """Keys of one KV head, ``[lengths, D]`` (a view into the buffer)."""
-        return self._rows(self.key_buffer, head, sequence)
-
-    def head_values(self, head: int, sequence: int = 0) -> torch.Tensor:
-        """Values of one KV head, ``[lengths, D]`` (a view into the buffer)."""
-        return self._rows(self.value_buffer, head, sequence)
-
-    def to_padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense copies for inspection: keys, values ``[B, H, max_len, D]`` (zero padded), mask ``[B, H, max_len]``."""
-        max_len = max(self._lengths_host, default=0)
-        shape = (self.batch_size, self.num_heads, max_len, self.head_dim)
-        keys = self.key_buffer.new_zeros(shape)
-        values = self.value_buffer.new_zeros(shape)
-        mask = torch.zeros(shape[:3], dtype=torch.bool, device=self.device)
-        for index, (start, length) in enumerate(self.segment_bounds()):
-            sequence, head = divmod(index, self.num_heads)
-            keys[sequence, head, :length] = self.key_buffer[start : start + length]
-            values[sequence, head, :length] = self.value_buffer[start : start + length]
-            mask[sequence, head, :length] = True
-        return keys, values, mask
-
-    # ------------------------------------------------------------------------------------------- side columns
-
-    def add_column(self, name: str, per_row: torch.Tensor, fill: float) -> None:
-        """Add a side column: ``per_row [sum(lengths)]`` holds a value for every retained row, segment after segment;
-        spare rows read ``fill``, and so do rows appended later."""
-        if name == POSITIONS:
-            raise ValueError(f"{POSITIONS!r} is maintained by the layer; call track_positions()")
-        n_rows = sum(self._lengths_host)
-        if per_row.shape != (n_rows,):
-            raise ValueError(f"column {name!r} needs one value per retained row ({n_rows}), got {tuple(per_row.shape)}")
-        column = torch.full((self.key_buffer.shape[0],), fill, dtype=per_row.dtype, device=self.device)
-        column[self._row_index()] = per_row.to(self.device)
-        self.columns[name] = column
-        self._fill[name] = fill
-
-    def has_column(self, name: str) -> bool:
-        return name in self.columns
-
-    def column(self, name: str, head: int, sequence: int = 0) -> torch.Tensor:
-        """Side column ``name`` of one KV head's retained rows, ``[lengths]`` (a view)."""
-        if name not in self.columns:
-            raise KeyError(f"this layer has no column {name!r}; it has {sorted(self.columns)}")
-        return self._rows(self.columns[name], head, sequence)
-
-    def drop_column(self, name: str) -> None:
-        """Forget side column ``name`` (no-op when absent)."""
-        self.columns.pop(name, None)
-        self._fill.pop(name, None)
-
-    def write_column_tail(self, name: str, values: torch.Tensor | list[torch.Tensor]) -> None:
-        """Set column ``name`` of every segment's last retained rows: ``values [B, H, t]`` (the same ``t`` rows of
-        each segment) or one tensor per segment, in segment order."""
-        per_segment = list(values.reshape(-1, values.shape[-1])) if isinstance(values, torch.Tensor) else values
-        index = [
-            torch.arange(start + length - tail.shape[0], start + length, device=self.device)
-            for (start, length), tail in zip(self.segment_bounds(), per_segment)
-        ]
-        if not index:
-            return
-        column = self.columns[name]
-        column[torch.cat(index)] = torch.cat(list(per_segment)).to(device=self.device, dtype=column.dtype)
-
-    def column_bytes(self) -> int:
-        """Bytes of the side columns other than positions (annotations such as gate scores)."""
-        return sum(column.nbytes for name, column in self.columns.items() if name != POSITIONS)
-
-    def retained_rows(self) -> torch.Tensor:
-        """Buffer row of every retained pair, segment after segment ``[sum(lengths)]`` (spare rows left out)."""
-        return self._row_index()
-
-    def column_fill(self, name: str) -> float:
-        """The value a side column's spare (and so appended) rows hold."""
-        return self._fill[name]
-
-    def _row_index(self) -> torch.Tensor:
-        """Buffer row of every retained row, segment after segment ``[sum(lengths)]``."""
-        parts = [torch.arange(start, start + length, device=self.device) for start, length in self.segment_bounds()]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=self.device)
-
-    def track_positions(self) -> None:
-        """Start recording every row's logical position (a no-op when already on).
-
-        Rolling back to a logical length then drops exactly the rows at or after it, even when eviction made them no
-        longer a uniform tail. The uniform tail (tokens appended to every segment since the last eviction) gets its
-        true positions; older rows get -1, which keeps them through any rollback to a length after them.
-        """
-        if POSITIONS in self.columns:
-            return
-        positions = torch.full((self.key_buffer.shape[0],), -1, dtype=torch.int32, device=self.device)
-        for start, length in self.segment_bounds():
-            tail = min(self._uniform_tail, length)
-            positions[start + length - tail : start + length] = torch.arange(
-                self.logical_length - tail, self.logical_length, dtype=torch.int32, device=self.device
-            )
-        self.columns[POSITIONS] = positions
-        self._fill[POSITIONS] = -1
-
-    @property
-    def tracks_positions(self) -> bool:
-        return POSITIONS in self.columns
-
-    def head_positions(self, head: int, sequence: int = 0) -> torch.Tensor:
-        """Logical positions ``[lengths]`` of one head's rows (-1: held before tracking started)."""
-        if POSITIONS not in self.columns:
-            raise RuntimeError("this layer does not track positions; call track_positions() first")
-        return self.column(POSITIONS, head, sequence)
 
     # --------------------------------------------------------------------------------------------- accounting
 
@@ -527,46 +368,6 @@ class RaggedLayer(CacheLayerMixin):
         self._lengths_host = [0] * len(self._lengths_host)
         self.logical_length = 0
         self._uniform_tail = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: sequence ``i`` becomes a copy of sequence ``beam_idx[i]``."""
-        self._take_sequences(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep the sequences ``indices``, in that order."""
-        self._take_sequences(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        """Repeat every sequence ``repeats`` times in place (``num_return_sequences``, beams after the prefill)."""
-        self._take_sequences(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
-
-    def _take_sequences(self, index: torch.Tensor) -> None:
-        """Rebuild the layer from the sequences ``index [B']`` of this one (each segment with its spare rows).
-
-        The index is read on the host once (beam search reorders every layer at every step); everything else the
-        host needs is already there.
-        """
-        order = _last_order.get(index, None, lambda: index.reshape(-1).tolist()) if torch.is_tensor(index) else index
-        if any(i < 0 or i >= self.batch_size for i in order):
-            raise IndexError(f"sequence indices {order} outside the layer's {self.batch_size} sequences")
-        heads = self.num_heads
-        segments_host = [i * heads + h for i in order for h in range(heads)]
-        capacities_host = [self._capacities_host[s] for s in segments_host]
-        segments = torch.as_tensor(index, device=self.device).long().reshape(-1)
-        segments = (segments[:, None] * heads + torch.arange(heads, device=self.device)).reshape(-1)
-        capacities = self.capacities[segments]
-        new_starts = capacities.cumsum(0) - capacities
-        total = sum(capacities_host)
-        offsets = torch.arange(total, device=self.device)
-        rows = torch.repeat_interleave(self.starts[segments] - new_starts, capacities, output_size=total) + offsets
-        self.key_buffer = self.key_buffer.index_select(0, rows)
-        self.value_buffer = self.value_buffer.index_select(0, rows)
-        self.columns = {name: column.index_select(0, rows) for name, column in self.columns.items()}
-        self.starts, self.lengths, self.capacities = new_starts, self.lengths[segments], capacities
-        self._lengths_host = [self._lengths_host[s] for s in segments_host]
-        self._capacities_host = capacities_host
-        self.pad_tokens = [self.pad_tokens[i] for i in order]
-        self.batch_size = len(order)
 
     def __repr__(self) -> str:
         return (

@@ -2,8 +2,8 @@
 
 from fastkvzip_press.training.corpus import Document, iter_documents
 from fastkvzip_press.training.distributed import Ranks
-from fastkvzip_press.training.features import ShardSet
 from fastkvzip_press.training.fit import FitConfig, FitReport, fit_gates, initial_gates
+from fastkvzip_press.training.shards import ShardSet
 from fastkvzip_press.training.workflow import TrainConfig, train
 
 __all__ = [

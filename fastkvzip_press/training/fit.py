@@ -7,7 +7,7 @@ per epoch, the same positions for every layer. Metric: agreement of ``pred >= 0.
 
 Layers share no parameter and the loss is a sum over layers, so fitting the layers one after another with the same
 batches and schedule gives the gates of one joint fit (each gate's gradient and SGD update are its own). The fit
-therefore reads one layer's features at a time (:class:`~fastkvzip_press.training.features.ShardSet`) and runs on
+therefore reads one layer's features at a time (:class:`~fastkvzip_press.training.shards.ShardSet`) and runs on
 any device: its memory is one layer's features, not the whole set's.
 
 A checkpoint (gates, the layer in progress, its step and optimiser, per-layer curves) is written atomically every
@@ -31,7 +31,7 @@ from fastkvzip_press.atomic import atomic_write
 from fastkvzip_press.checks import require_int, require_real
 from fastkvzip_press.gates.gate import DEFAULT_RANK, DEFAULT_SINKS, GateBank, SinkGate
 from fastkvzip_press.layout import ModelLayout
-from fastkvzip_press.training.features import LayerFeatures, LayerSource
+from fastkvzip_press.training.shards import LayerFeatures, LayerSource
 
 logger = logging.getLogger(__name__)
 

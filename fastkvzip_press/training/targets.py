@@ -202,6 +202,19 @@ def kvzip_targets(
     Returns:
         :class:`KVzipTargets` with ``scores [L, H, n - prefix_length]`` float32 on the model's device.
     """
+    _check_arguments(model, input_ids, prefix_length, chunk_size, prefill_chunk, normalization, hidden_layers)
+    base = getattr(model.model, "language_model", model.model)
+    input_ids = input_ids.to(next(model.parameters()).device)
+    # No config: every layer is a plain DynamicLayer, so sliding layers keep the whole context and roll back by slicing.
+    cache = DynamicCache()
+    wanted = sorted({int(i) for i in hidden_layers})
+    hidden = _prefill(model, base, cache, input_ids, prefix_length, wanted, prefill_chunk)
+    replays = replay_inputs(tokenizer, input_ids[0, prefix_length:], chunk_size, assistant_suffix_ids(tokenizer))
+    scores = _replay_scores(model, base, cache, input_ids, replays, prefix_length, normalization, progress)
+    return KVzipTargets(scores=scores, hidden=hidden)
+
+
+def _check_arguments(model, input_ids, prefix_length, chunk_size, prefill_chunk, normalization, hidden_layers) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"kvzip_targets takes one sequence, input_ids [1, n]; got shape {tuple(input_ids.shape)}")
     total = input_ids.shape[1]
@@ -213,42 +226,65 @@ def kvzip_targets(
         raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    layers = decoder_layers(model)
+    n_layers = len(decoder_layers(model))
     wanted = sorted(set(int(i) for i in hidden_layers))
-    if any(not 0 <= i < len(layers) for i in wanted):
-        raise ValueError(f"hidden_layers {wanted} out of range for a model with {len(layers)} layers")
+    if any(not 0 <= i < n_layers for i in wanted):
+        raise ValueError(f"hidden_layers {wanted} out of range for a model with {n_layers} layers")
     if model.training:
         logger.warning("the model is in training mode (dropout active); call model.eval() for deterministic targets")
 
-    base = getattr(model.model, "language_model", model.model)
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    n_ctx = total - prefix_length
-    layout = ModelLayout.from_model(model)
-    # No config: every layer is a plain DynamicLayer, so sliding layers keep the whole context and roll back by slicing.
-    cache = DynamicCache()
+
+def _prefill(
+    model: PreTrainedModel,
+    base: nn.Module,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    prefix_length: int,
+    wanted: list[int],
+    prefill_chunk: int | None,
+) -> dict[int, torch.Tensor] | None:
+    """Prefill ``input_ids [1, n]`` into ``cache`` (in pieces of ``prefill_chunk``); the context's gate inputs
+    ``{layer: [n - prefix_length, hidden]}`` of the ``wanted`` layers (``None`` when none is wanted)."""
+    layers = decoder_layers(model)
     pieces: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
-    offset = 0  # absolute position of the first token of the current prefill piece
+    offset = [0]  # absolute position of the first token of the current prefill piece
 
     def keep_hidden(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        skip = max(prefix_length - offset, 0)
+        skip = max(prefix_length - offset[0], 0)
         if skip < hidden.shape[1]:
             pieces[module.layer_idx].append(hidden[0, skip:].clone())
 
+    total = input_ids.shape[1]
     step = prefill_chunk or total
     handles = [layers[i].self_attn.register_forward_hook(keep_hidden, with_kwargs=True) for i in wanted]
     try:
         with torch.inference_mode():
-            for offset in range(0, total, step):
-                base(input_ids=input_ids[:, offset : offset + step], past_key_values=cache, use_cache=True)
+            for offset[0] in range(0, total, step):
+                base(input_ids=input_ids[:, offset[0] : offset[0] + step], past_key_values=cache, use_cache=True)
     finally:
         for handle in handles:
             handle.remove()
-    hidden = {i: torch.cat(pieces[i]) for i in wanted} or None
+    return {i: torch.cat(pieces[i]) for i in wanted} or None
 
-    scores = torch.zeros(len(layers), layout.num_kv_heads, n_ctx, dtype=torch.float32, device=device)
-    replays = replay_inputs(tokenizer, input_ids[0, prefix_length:], chunk_size, assistant_suffix_ids(tokenizer))
+
+def _replay_scores(
+    model: PreTrainedModel,
+    base: nn.Module,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    replays: list,
+    prefix_length: int,
+    normalization: str,
+    progress: bool,
+) -> torch.Tensor:
+    """Replay each chunk of the context after the prefilled cache and score every context token by the attention the
+    replay pays it: ``[L, H, n - prefix_length]`` float32."""
+    layers = decoder_layers(model)
+    total = input_ids.shape[1]
+    layout = ModelLayout.from_model(model)
+    scores = torch.zeros(len(layers), layout.num_kv_heads, total - prefix_length, dtype=torch.float32,
+                         device=input_ids.device)  # fmt: skip
     span = [0, 0]  # current chunk, context coordinates
 
     def score(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -274,10 +310,10 @@ def kvzip_targets(
             for start, end, ids in tqdm(replays, desc="KVzip replay", unit="chunk", disable=not progress):
                 span[:] = [start, end]
                 try:
-                    base(input_ids=ids[None].to(device), past_key_values=cache, use_cache=True)
+                    base(input_ids=ids[None].to(input_ids.device), past_key_values=cache, use_cache=True)
                 finally:
                     keep_first_tokens(cache, total)  # the next replay sees the prefix and context only
     finally:
         for handle in handles:
             handle.remove()
-    return KVzipTargets(scores=scores, hidden=hidden)
+    return scores

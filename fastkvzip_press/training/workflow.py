@@ -2,7 +2,7 @@
 
 Under ``torchrun`` the ranks split the feature extraction (each extracts every ``world_size``-th window of the same
 planned order, see :mod:`fastkvzip_press.training.distributed`); rank 0 then fits and exports once. The fit streams
-the shards one gated layer at a time (:class:`~fastkvzip_press.training.features.ShardSet`) on the model's device.
+the shards one gated layer at a time (:class:`~fastkvzip_press.training.shards.ShardSet`) on the model's device.
 
 Output folder layout::
 
@@ -30,15 +30,9 @@ from fastkvzip_press.gates import GateBank, save_gates
 from fastkvzip_press.layout import ModelLayout
 from fastkvzip_press.training.corpus import BUILTIN, check_source, iter_documents
 from fastkvzip_press.training.distributed import Ranks, barrier, process_group
-from fastkvzip_press.training.features import (
-    MIN_WINDOW,
-    ShardSet,
-    Window,
-    plan_windows,
-    split_windows,
-    write_shards,
-)
+from fastkvzip_press.training.features import MIN_WINDOW, Window, plan_windows, write_shards
 from fastkvzip_press.training.fit import FitConfig, FitReport, fit_gates
+from fastkvzip_press.training.shards import ShardSet, split_windows
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +129,22 @@ def train(
     times["load_s"] = fit_report.read_seconds
     times["fit_s"] = fit_report.seconds - fit_report.read_seconds
 
-    report = {
+    report = training_report(layout, config, train_split, val_split, fit_report, times)
+    bank.metadata.training = {
+        "source": "fastkvzip-press train",
+        **{key: report[key] for key in ("config", "train_tokens", "val_loss_per_layer", "val_accuracy_per_layer")},
+    }
+    save_gates(bank, out / "gates")
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    plot_curves(fit_report, out / "curves.png")
+    return bank, report
+
+
+def training_report(
+    layout: ModelLayout, config: TrainConfig, train_split: ShardSet, val_split: ShardSet, fit_report, times: dict
+) -> dict:
+    """What ``report.json`` holds: the run's configuration, its data, the fit's per-layer results and times."""
+    return {
         "model_id": layout.model_id,
         "config": {**asdict(config), "fit": asdict(config.fit)},
         "train_tokens": train_split.num_tokens,
@@ -148,17 +157,6 @@ def train(
         "history": asdict(fit_report.history),
         "times": times,
     }
-    bank.metadata.training = {
-        "source": "fastkvzip-press train",
-        "config": report["config"],
-        "train_tokens": report["train_tokens"],
-        "val_loss_per_layer": report["val_loss_per_layer"],
-        "val_accuracy_per_layer": report["val_accuracy_per_layer"],
-    }
-    save_gates(bank, out / "gates")
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    plot_curves(fit_report, out / "curves.png")
-    return bank, report
 
 
 def extraction_arguments(config: TrainConfig, model: PreTrainedModel) -> dict:

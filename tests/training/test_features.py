@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastkvzip_press.training.features import ShardSet, load_split
+from fastkvzip_press.training.shards import ShardSet, load_split
 
 
 def write_synthetic_shards(folder: Path, n_shards: int, layers: int, tokens: int, hidden: int, heads: int = 2):
@@ -63,7 +63,7 @@ import torch
 torch.set_num_threads(1)
 from fastkvzip_press import ModelLayout
 from fastkvzip_press.training import FitConfig, fit_gates
-from fastkvzip_press.training.features import ShardSet, load_split
+from fastkvzip_press.training.shards import ShardSet, load_split
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024

@@ -13,15 +13,7 @@ from fastkvzip_press import GateBank, ModelLayout
 from fastkvzip_press.training import FitConfig
 from fastkvzip_press.training import fit as fit_module
 from fastkvzip_press.training.corpus import iter_documents
-from fastkvzip_press.training.features import (
-    FeatureSplit,
-    LayerFeatures,
-    LayerSource,
-    ShardSet,
-    extract_features,
-    load_split,
-    split_by_document,
-)
+from fastkvzip_press.training.features import extract_features
 from fastkvzip_press.training.fit import (
     EVAL_TOKENS,
     batch_positions,
@@ -29,6 +21,14 @@ from fastkvzip_press.training.fit import (
     initial_gates,
     layer_losses,
     lr_factor,
+)
+from fastkvzip_press.training.shards import (
+    FeatureSplit,
+    LayerFeatures,
+    LayerSource,
+    ShardSet,
+    load_split,
+    split_by_document,
 )
 
 LAYOUT = ModelLayout(

@@ -10,7 +10,8 @@ from helpers import CONTEXT, QUESTIONS, make_pipeline
 from fastkvzip_press import FastKVzipPress, FastKVzipScorerPress, ModelLayout, load_gates
 from fastkvzip_press.cli import main
 from fastkvzip_press.training import FitConfig, TrainConfig, iter_documents, train, workflow
-from fastkvzip_press.training.features import extract_features, read_shard_metadata, split_by_document
+from fastkvzip_press.training.features import extract_features, read_shard_metadata
+from fastkvzip_press.training.shards import split_by_document
 
 CONFIG = FitConfig(steps=20, batch_tokens=200, rank=4, n_sink=4, eval_every=10, checkpoint_every=100, warmup_steps=5)
 
